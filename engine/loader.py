@@ -1,0 +1,70 @@
+"""`load_model(path)`: pick the reader for an HF directory or a .gguf file, attach the tokenizer, report progress.
+
+Reading formats is the job of engine/formats; this module only dispatches and wires the pieces together.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.formats.errors import ModelFormatError
+from engine.formats.gguf_model import load_gguf
+from engine.formats.hf_model import load_hf
+from engine.loaded_model import LoadedModel
+from engine.tokenizer import Tokenizer
+
+
+class _ProgressBar:
+    """Prints a progress line to stderr, but only once a load has taken more than a second."""
+
+    def __init__(self, label: str, delay_s: float = 1.0) -> None:
+        self.label = label
+        self.start = time.monotonic()
+        self.delay_s = delay_s
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.monotonic() - self.start < self.delay_s:
+            return
+        self.shown = True
+        filled = 30 * done // max(total, 1)
+        print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.shown:
+            print(f"  {time.monotonic() - self.start:.1f} s", file=sys.stderr)
+
+
+def load_model(path: str | Path, tokenizer_path: str | Path | None = None,
+               progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    """Load an HF model directory (config.json + *.safetensors) or a .gguf file.
+
+    The tokenizer comes from the directory's tokenizer.json or the GGUF metadata; `tokenizer_path` (a directory or a
+    tokenizer.json) overrides it. A model with no tokenizer still computes logits over token ids.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    bar = None if progress else _ProgressBar(f"loading {path.name}")
+    report = progress or bar
+    try:
+        if path.is_dir():
+            weights = load_hf(path, report)
+            has_tokenizer = (path / "tokenizer.json").is_file()
+            tokenizer = Tokenizer.from_hf_dir(path) if has_tokenizer else None
+        else:
+            args, weights, gguf = load_gguf(path, report)
+            tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(path))
+    finally:
+        if bar:
+            bar.close()
+    if tokenizer_path is not None:
+        tokenizer_path = Path(tokenizer_path)
+        tokenizer = Tokenizer.from_hf_dir(tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent)
+    if tokenizer is not None and tokenizer.vocab_size > weights.args.vocab_size:
+        raise ModelFormatError(path, f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                                     f"{weights.args.vocab_size}")
+    return LoadedModel(weights, tokenizer, path)
