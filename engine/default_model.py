@@ -69,3 +69,17 @@ def pull_default_model(models_dir: Path | None = None, log: Callable[[str], None
         os.replace(partial, target)
     log(f"saved {target}")
     return target
+
+
+def resolve_model_path(model: str | None, models_dir: Path | None) -> Path:
+    """A path as given, a name inside the models directory, or (None/"default") the default model, pulled if missing."""
+    models_dir = models_dir or default_models_dir()
+    if model in (None, "", "default"):
+        return pull_default_model(models_dir, log=lambda message: print(message, file=sys.stderr))
+    candidate = Path(model).expanduser()
+    if candidate.exists():
+        return candidate
+    for inside in (models_dir / model, models_dir / f"{model}.gguf"):
+        if inside.exists():
+            return inside
+    raise FileNotFoundError(f"model {model!r} is neither a path nor a model in {models_dir}")

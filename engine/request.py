@@ -63,9 +63,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     first_scheduled_s: float | None = None
+    choice_index: int = 0  # which of the n choices of one API request this is; varies the seeded stream
 
     def __post_init__(self) -> None:
-        self.sampler = Sampler(self.params)
+        self.sampler = Sampler(self.params, self.prompt_ids, self.choice_index)
         self.stop_matcher = StopMatcher(list(self.params.stop))
         self.output_counts: Counter[int] = Counter()  # token id -> times generated, for the penalties
 

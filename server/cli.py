@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.default_model import PullError, default_models_dir, pull_default_model
+from engine.default_model import PullError, pull_default_model, resolve_model_path
 from engine.formats.errors import ModelFormatError
 
 
@@ -49,20 +49,6 @@ def _build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
     return parser
-
-
-def resolve_model_path(model: str | None, models_dir: Path | None) -> Path:
-    """A path as given, a name inside the models directory, or (None/"default") the default model, pulled if missing."""
-    models_dir = models_dir or default_models_dir()
-    if model in (None, "", "default"):
-        return pull_default_model(models_dir, log=lambda message: print(message, file=sys.stderr))
-    candidate = Path(model).expanduser()
-    if candidate.exists():
-        return candidate
-    for inside in (models_dir / model, models_dir / f"{model}.gguf"):
-        if inside.exists():
-            return inside
-    raise FileNotFoundError(f"model {model!r} is neither a path nor a model in {models_dir}")
 
 
 def _pull(args: argparse.Namespace) -> int:

@@ -1,0 +1,120 @@
+"""BlockQuantLinear: a GGUF Q4_0 / Q4_1 / Q8_0 weight matrix, split once at load into structure-of-arrays blocks and
+multiplied by the engine.kernels.blockq kernels. Never expands the whole matrix to float; reads no files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.formats.ggml import BLOCK_GEOMETRY, GGMLType
+from engine.kernels import blockq
+
+SUPPORTED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+# Byte offset of the quantized values inside a GGUF block: after fp16 d (and fp16 m for Q4_1).
+_CODES_OFFSET = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q8_0: 2}
+
+
+class BlockQuantLinear:
+    """y = x @ W.T for W stored in 32-element blocks with an fp16 scale (and min): the Linear protocol.
+
+    Activations are quantized to int8 per block of 32 (llama.cpp's Q8 activations), each block's dot is exact in
+    int32, and blocks are summed in one fixed order whatever the batch, so the layer is batch invariant.
+    """
+
+    def __init__(self, ggml_type: GGMLType, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None = None) -> None:
+        if ggml_type not in SUPPORTED_TYPES:
+            raise ValueError(f"BlockQuantLinear supports {[t.name for t in SUPPORTED_TYPES]}, got {ggml_type!r}")
+        if (wm is not None) != (ggml_type == GGMLType.Q4_1):
+            raise ValueError(f"{ggml_type.name}: block minimums (wm) are given exactly for Q4_1")
+        code_dtype = np.int8 if ggml_type == GGMLType.Q8_0 else np.uint8
+        self.in_features = blockq.check_weights(wq, wd, wm, code_dtype)
+        self.out_features = wq.shape[0]
+        self.ggml_type = ggml_type
+        # (out_features, in_features // 2) uint8 for Q4 in GGUF nibble order (element j of a block in the low nibble
+        # of byte j, element j + 16 in the high one); (out_features, in_features) int8 for Q8_0.
+        self.wq = wq
+        self.wd = wd  # (out_features, in_features // 32) float32: fp16 block scales, widened
+        self.wm = wm  # (out_features, in_features // 32) float32: Q4_1 fp16 block minimums, widened; else None
+
+    @classmethod
+    def from_gguf_blocks(cls, ggml_type: GGMLType, raw: np.ndarray, in_features: int) -> BlockQuantLinear:
+        """raw: (out_features, row_bytes) uint8, each row in_features // 32 blocks exactly as stored in a GGUF file."""
+        ggml_type = GGMLType(ggml_type)
+        if ggml_type not in SUPPORTED_TYPES:
+            raise ValueError(f"BlockQuantLinear supports {[t.name for t in SUPPORTED_TYPES]}, got {ggml_type.name}")
+        if in_features <= 0 or in_features % blockq.BLOCK_SIZE:
+            raise ValueError(f"in_features must be a positive multiple of {blockq.BLOCK_SIZE}, got {in_features}")
+        block_size, block_bytes = BLOCK_GEOMETRY[ggml_type]
+        num_blocks = in_features // block_size
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+            raise ValueError(f"raw {ggml_type.name} data must be a 2-D uint8 array, got {getattr(raw, 'dtype', raw)}")
+        if raw.shape[1] != num_blocks * block_bytes:
+            raise ValueError(f"{ggml_type.name} rows of {in_features} values take {num_blocks * block_bytes} bytes "
+                             f"({num_blocks} blocks of {block_bytes}), got {raw.shape[1]}")
+        blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], num_blocks, block_bytes)  # (N, K // 32, bytes) uint8
+        wd = _fp16_field(blocks, 0)
+        wm = _fp16_field(blocks, 2) if ggml_type == GGMLType.Q4_1 else None
+        codes = np.ascontiguousarray(blocks[:, :, _CODES_OFFSET[ggml_type]:]).reshape(raw.shape[0], -1)
+        wq = codes.view(np.int8) if ggml_type == GGMLType.Q8_0 else codes
+        for name, scales in (("scale", wd), ("min", wm)):
+            if scales is not None and not np.isfinite(scales).all():
+                row = int(np.nonzero(~np.isfinite(scales).all(axis=1))[0][0])
+                raise ValueError(f"non-finite fp16 block {name} in row {row}")
+        return cls(ggml_type, wq, wd, wm)
+
+    @classmethod
+    def quantize(cls, w: np.ndarray, ggml_type: GGMLType) -> BlockQuantLinear:
+        """w: (out_features, in_features) float32 -> blocks with ggml's reference rounding (same bytes as gguf's)."""
+        ggml_type = GGMLType(ggml_type)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if ggml_type == GGMLType.Q4_0:
+            return cls(ggml_type, *blockq.quantize_q4_0(w))
+        if ggml_type == GGMLType.Q4_1:
+            return cls(ggml_type, *blockq.quantize_q4_1(w))
+        if ggml_type == GGMLType.Q8_0:
+            return cls(ggml_type, *blockq.quantize_q8_0(w))
+        raise ValueError(f"BlockQuantLinear supports {[t.name for t in SUPPORTED_TYPES]}, got {ggml_type.name}")
+
+    def to_gguf_blocks(self) -> np.ndarray:
+        """(out_features, row_bytes) uint8 in the GGUF block layout: the inverse of from_gguf_blocks."""
+        num_rows, num_blocks = self.wd.shape
+        fields = [self.wd.astype("<f2").view(np.uint8).reshape(num_rows, num_blocks, 2)]
+        if self.wm is not None:
+            fields.append(self.wm.astype("<f2").view(np.uint8).reshape(num_rows, num_blocks, 2))
+        fields.append(self.wq.view(np.uint8).reshape(num_rows, num_blocks, -1))
+        return np.concatenate(fields, axis=2).reshape(num_rows, -1)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: (num_tokens, in_features) float32, C-contiguous -> (num_tokens, out_features) float32."""
+        return self.matmul_quantized(*blockq.quantize_q8_blocks(x))
+
+    def matmul_quantized(self, xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray) -> np.ndarray:
+        """The same product from activations already quantized by blockq.quantize_q8_blocks, so layers reading the
+        same input (q/k/v, gate/up) can share one quantization. -> (num_tokens, out_features) float32."""
+        if self.ggml_type == GGMLType.Q4_0:
+            return blockq.matmul_q4_0(xq, xd, self.wq, self.wd)
+        if self.ggml_type == GGMLType.Q4_1:
+            return blockq.matmul_q4_1(xq, xd, xsum, self.wq, self.wd, self.wm)
+        return blockq.matmul_q8_0(xq, xd, self.wq, self.wd)
+
+    def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
+        """row_ids: (num_rows,) int64 -> (num_rows, in_features) float32; only those rows are expanded."""
+        if self.ggml_type == GGMLType.Q4_0:
+            return blockq.dequantize_rows_q4_0(self.wq, self.wd, row_ids)
+        if self.ggml_type == GGMLType.Q4_1:
+            return blockq.dequantize_rows_q4_1(self.wq, self.wd, self.wm, row_ids)
+        return blockq.dequantize_rows_q8_0(self.wq, self.wd, row_ids)
+
+    @property
+    def num_bytes(self) -> int:
+        """Codes plus float32 scales (and mins): what one full pass over the matrix reads."""
+        return self.wq.nbytes + self.wd.nbytes + (self.wm.nbytes if self.wm is not None else 0)
+
+    def __repr__(self) -> str:
+        shape = f"out_features={self.out_features}, in_features={self.in_features}"
+        return f"BlockQuantLinear({self.ggml_type.name}, {shape})"
+
+
+def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """blocks (N, num_blocks, block_bytes) uint8 -> (N, num_blocks) float32 of the fp16 at that byte offset."""
+    return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view("<f2")[:, :, 0].astype(np.float32)

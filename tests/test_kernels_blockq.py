@@ -1,0 +1,264 @@
+"""GGUF block kernels (Q4_0, Q4_1, Q8_0), the float32 matmul and their Linear layers, against gguf's own numpy
+(de)quantizers and slow, obvious numpy references; both kernel paths, odd shapes, batch invariance."""
+
+from __future__ import annotations
+
+import gguf
+import numba
+import numpy as np
+import pytest
+
+from engine.formats.ggml import GGMLType
+from engine.kernels import blockq as bq
+from engine.kernels import cpu_features
+from engine.kernels.dense import matmul_f32
+from engine.linear.block import BlockQuantLinear
+from engine.linear.dense import DenseLinear
+
+HAS_VNNI = cpu_features.detect_cpu_features().has_avx512_vnni
+PATHS = [
+    "portable",
+    pytest.param("avx512_vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU or JIT target lacks AVX-512 VNNI")),
+]
+FORMATS = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
+_FMT = {GGMLType.Q4_0: bq._FMT_Q4_0, GGMLType.Q4_1: bq._FMT_Q4_1, GGMLType.Q8_0: bq._FMT_Q8_0}
+
+ROW_COUNTS = [1, 3, 33, 100]
+IN_FEATURES = [32, 96, 480, 576]  # 1, 3, 15 and 18 blocks: every tail kind of the 16-block VNNI step
+TOKEN_COUNTS = [1, 2, 5, 17]
+
+
+def run_matmul(path: str, ggml_type: GGMLType, xq, xd, xsum, layer: BlockQuantLinear) -> np.ndarray:
+    """One kernel path called directly, whatever path the module chose at import."""
+    wm = layer.wm if layer.wm is not None else layer.wd
+    if path == "avx512_vnni":
+        return bq._matmul_blockq_vnni(xq, xd, xsum, layer.wq, layer.wd, wm, _FMT[ggml_type])
+    if ggml_type == GGMLType.Q8_0:
+        return bq._matmul_q8_0_portable(xq, xd, layer.wq, layer.wd)
+    return bq._matmul_q4_portable(xq, xd, xsum, layer.wq, layer.wd, wm, _FMT[ggml_type])
+
+
+def random_weights(rng: np.random.Generator, num_rows: int, in_features: int) -> np.ndarray:
+    """Gaussian rows with a per-row scale spread and some all-zero and constant blocks, like odd real tensors."""
+    w = rng.standard_normal((num_rows, in_features)).astype(np.float32)
+    w *= rng.uniform(0.01, 3.0, size=(num_rows, 1)).astype(np.float32)
+    if in_features >= 64:
+        w[0, 32:64] = 0.0
+        w[-1, :32] = 0.75
+    return w
+
+
+def signed_values(layer: BlockQuantLinear) -> np.ndarray:
+    """(N, K) int64: the integer each weight code stands for before its scale (GGUF element order)."""
+    if layer.ggml_type == GGMLType.Q8_0:
+        return layer.wq.astype(np.int64)
+    blocks = layer.wq.reshape(layer.out_features, -1, 16).astype(np.int64)
+    nibbles = np.concatenate([blocks & 15, blocks >> 4], axis=2).reshape(layer.out_features, -1)
+    return nibbles - 8 if layer.ggml_type == GGMLType.Q4_0 else nibbles
+
+
+def block_dots(layer: BlockQuantLinear, xq: np.ndarray) -> np.ndarray:
+    """(T, N, K // 32) int64 exact per-block dot products Σ value·q."""
+    values = signed_values(layer).reshape(layer.out_features, -1, 32)
+    acts = xq.astype(np.int64).reshape(xq.shape[0], -1, 32)
+    return np.einsum("tbk,nbk->tnb", acts, values)
+
+
+def block_products_f32(layer: BlockQuantLinear, xq, xd, xsum) -> np.ndarray:
+    """(T, N, K // 32) float32 scaled block terms, each rounding in the order the kernels use."""
+    scales = layer.wd[None, :, :] * xd[:, None, :]
+    products = block_dots(layer, xq).astype(np.float32) * scales
+    if layer.ggml_type == GGMLType.Q4_1:
+        products = products + layer.wm[None, :, :] * (xd * xsum.astype(np.float32))[:, None, :]
+    return products
+
+
+def lane_ordered_sum(terms: np.ndarray) -> np.ndarray:
+    """(..., num_terms) float32 -> (...) float32: term i into partial sum i % 16, then the fixed tree i + i+8, ..."""
+    lanes = np.zeros((*terms.shape[:-1], 16), np.float32)
+    for i in range(terms.shape[-1]):
+        lanes[..., i % 16] += terms[..., i]
+    width = 16
+    while width > 1:
+        width //= 2
+        lanes = lanes[..., :width] + lanes[..., width : 2 * width]
+    return lanes[..., 0]
+
+
+def test_quantized_bytes_match_gguf_reference() -> None:
+    rng = np.random.default_rng(0)
+    w = random_weights(rng, 37, 576)
+    # Ties at the Q8_0 rounding boundary: with max|block| = 127 the scale is 1 and x.5 must round away from zero.
+    w[1, :32] = np.arange(32, dtype=np.float32) - 15.5
+    w[1, 31] = 127.0
+    # Q4_0 keeps the first value of largest magnitude, sign included.
+    w[2, :32] = 0.5
+    w[2, 3], w[2, 9] = -2.0, 2.0
+    for ggml_type in FORMATS:
+        ours = BlockQuantLinear.quantize(w, ggml_type).to_gguf_blocks()
+        theirs = gguf.quants.quantize(w, gguf.GGMLQuantizationType(ggml_type.value))
+        np.testing.assert_array_equal(ours, theirs, err_msg=ggml_type.name)
+
+
+def test_activation_quantizer_matches_gguf_q8_0() -> None:
+    rng = np.random.default_rng(1)
+    x = random_weights(rng, 5, 96) * 40.0
+    xq, xd, xsum = bq.quantize_q8_blocks(x)
+    reference = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(5, 3, 34)
+    np.testing.assert_array_equal(xq.view(np.uint8).reshape(5, 3, 32), reference[:, :, 2:])
+    np.testing.assert_array_equal(xd.astype("<f2").view(np.uint8).reshape(5, 3, 2), reference[:, :, :2])
+    np.testing.assert_array_equal(xd, (np.abs(x).reshape(5, 3, 32).max(axis=2) / np.float32(127)))
+    np.testing.assert_array_equal(xsum, xq.reshape(5, 3, 32).sum(axis=2, dtype=np.int64))
+    zeros_q, zeros_d, zeros_sum = bq.quantize_q8_blocks(np.zeros((2, 32), np.float32))
+    assert not zeros_q.any() and not zeros_d.any() and not zeros_sum.any()
+
+
+@pytest.mark.parametrize("ggml_type", FORMATS)
+def test_load_and_dequantize_match_gguf_reference(ggml_type: GGMLType) -> None:
+    rng = np.random.default_rng(2)
+    w = random_weights(rng, 33, 96)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType(ggml_type.value))  # (33, row_bytes) uint8
+    layer = BlockQuantLinear.from_gguf_blocks(ggml_type, raw, 96)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(ggml_type.value))
+    np.testing.assert_array_equal(layer.dequantize_rows(np.arange(33)), expected)
+    row_ids = np.array([32, 0, 7, 7], dtype=np.int64)
+    np.testing.assert_array_equal(layer.dequantize_rows(row_ids), expected[row_ids])
+    np.testing.assert_array_equal(layer.to_gguf_blocks(), raw)
+    assert (layer.out_features, layer.in_features) == (33, 96)
+    code_bytes = {GGMLType.Q4_0: 16, GGMLType.Q4_1: 16, GGMLType.Q8_0: 32}[ggml_type]
+    num_scale_arrays = 2 if ggml_type == GGMLType.Q4_1 else 1
+    assert layer.num_bytes == 33 * 3 * (code_bytes + 4 * num_scale_arrays)  # scales held as float32
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ggml_type", FORMATS)
+@pytest.mark.parametrize("in_features", IN_FEATURES)
+def test_matmul_matches_integer_reference(path: str, ggml_type: GGMLType, in_features: int) -> None:
+    rng = np.random.default_rng(in_features)
+    for num_rows, num_tokens in zip(ROW_COUNTS, TOKEN_COUNTS[::-1], strict=True):
+        layer = BlockQuantLinear.quantize(random_weights(rng, num_rows, in_features), ggml_type)
+        x = rng.standard_normal((num_tokens, in_features)).astype(np.float32) * 3
+        xq, xd, xsum = bq.quantize_q8_blocks(x)
+        y = run_matmul(path, ggml_type, xq, xd, xsum, layer)
+        assert y.shape == (num_tokens, num_rows) and y.dtype == np.float32
+        # Same float32 roundings in the same order: equal bits.
+        np.testing.assert_array_equal(y, lane_ordered_sum(block_products_f32(layer, xq, xd, xsum)))
+        # Against exact integers and float64 scales: float32 rounding only.
+        # The bound counts both Q4_1 terms, which cancel (negative minimums), by magnitude.
+        products = block_dots(layer, xq) * (layer.wd.astype(np.float64)[None] * xd.astype(np.float64)[:, None])
+        magnitudes = np.abs(products)
+        if ggml_type == GGMLType.Q4_1:
+            min_terms = layer.wm.astype(np.float64)[None] * (xd.astype(np.float64) * xsum)[:, None]
+            products, magnitudes = products + min_terms, magnitudes + np.abs(min_terms)
+        num_blocks = in_features // 32
+        bound = (num_blocks + 8) * 2.0**-24 * magnitudes.sum(axis=2)
+        assert np.all(np.abs(y - products.sum(axis=2)) <= bound)
+
+
+@pytest.mark.parametrize("ggml_type", FORMATS)
+def test_matmul_close_to_float_product(ggml_type: GGMLType) -> None:
+    """Only int8 activation rounding separates the layer from x @ dequantized(W).T: at most half a step per value."""
+    rng = np.random.default_rng(3)
+    layer = BlockQuantLinear.quantize(random_weights(rng, 100, 576), ggml_type)
+    x = rng.standard_normal((5, 576)).astype(np.float32)
+    w = layer.dequantize_rows(np.arange(100)).astype(np.float64)
+    y = layer(x)
+    _, xd, _ = bq.quantize_q8_blocks(x)
+    step_bound = 0.5 * np.einsum("tb,nb->tn", xd.astype(np.float64), np.abs(w).reshape(100, 18, 32).sum(axis=2))
+    error = np.abs(y - x.astype(np.float64) @ w.T)
+    assert np.all(error <= step_bound * 1.001 + 1e-4)
+    assert error.max() > 0  # the bound is not vacuous: activations really were quantized
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ggml_type", FORMATS)
+def test_batch_invariance_and_paths_agree(path: str, ggml_type: GGMLType) -> None:
+    rng = np.random.default_rng(4)
+    layer = BlockQuantLinear.quantize(random_weights(rng, 33, 576), ggml_type)
+    xq, xd, xsum = bq.quantize_q8_blocks(rng.standard_normal((17, 576)).astype(np.float32))
+    batch = run_matmul(path, ggml_type, xq, xd, xsum, layer)
+    for token in range(17):
+        one = slice(token, token + 1)
+        single = run_matmul(path, ggml_type, xq[one], xd[one], xsum[one], layer)
+        np.testing.assert_array_equal(batch[token : token + 1], single)
+    np.testing.assert_array_equal(batch[5:10], run_matmul(path, ggml_type, xq[5:10], xd[5:10], xsum[5:10], layer))
+    np.testing.assert_array_equal(batch, run_matmul("portable", ggml_type, xq, xd, xsum, layer))
+
+
+def test_linear_call_uses_selected_path() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    for ggml_type in FORMATS:
+        layer = BlockQuantLinear.quantize(random_weights(rng, 7, 96), ggml_type)
+        xq, xd, xsum = bq.quantize_q8_blocks(x)
+        np.testing.assert_array_equal(layer(x), run_matmul("portable", ggml_type, xq, xd, xsum, layer))
+        np.testing.assert_array_equal(layer.matmul_quantized(xq, xd, xsum), layer(x))
+    assert np.all(BlockQuantLinear.quantize(np.zeros((2, 32), np.float32), GGMLType.Q4_1)(x[:, :32].copy()) == 0)
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    rng = np.random.default_rng(6)
+    w = random_weights(rng, 4, 64)
+    layer = BlockQuantLinear.quantize(w, GGMLType.Q4_1)
+    xq, xd, xsum = bq.quantize_q8_blocks(rng.standard_normal((2, 64)).astype(np.float32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        bq.quantize_q8_blocks(np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        BlockQuantLinear.quantize(np.zeros((2, 48), np.float32), GGMLType.Q8_0)
+    with pytest.raises(ValueError, match="float32"):
+        bq.quantize_q8_blocks(np.zeros((2, 64), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        bq.quantize_q8_blocks(np.zeros((64, 2), np.float32).T)
+    with pytest.raises(ValueError, match="in_features"):
+        bq.matmul_q4_1(xq[:, :32].copy(), xd[:, :1].copy(), xsum[:, :1].copy(), layer.wq, layer.wd, layer.wm)
+    with pytest.raises(ValueError, match="xsum"):
+        bq.matmul_q4_1(xq, xd, xsum[:1].copy(), layer.wq, layer.wd, layer.wm)
+    with pytest.raises(ValueError, match="wm"):
+        bq.matmul_q4_1(xq, xd, xsum, layer.wq, layer.wd, layer.wm[:, :1].copy())
+    with pytest.raises(ValueError, match="int8"):
+        bq.matmul_q8_0(xq, xd, layer.wq, layer.wd)
+    with pytest.raises(ValueError, match="uint8"):
+        bq.matmul_q4_0(xq.view(np.uint8), xd, layer.wq, layer.wd)
+    with pytest.raises(ValueError, match="row_ids"):
+        layer.dequantize_rows(np.array([4]))
+    raw = layer.to_gguf_blocks()
+    with pytest.raises(ValueError, match="take 40 bytes"):
+        BlockQuantLinear.from_gguf_blocks(GGMLType.Q4_1, raw[:, :-1].copy(), 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        BlockQuantLinear.from_gguf_blocks(GGMLType.Q4_1, raw, 60)
+    with pytest.raises(ValueError, match="supports"):
+        BlockQuantLinear.from_gguf_blocks(GGMLType.Q6_K, raw, 64)
+    raw[1, 2:4] = np.array([0x00, 0x7C], np.uint8)  # fp16 +inf as the min of row 1, block 0
+    with pytest.raises(ValueError, match="non-finite fp16 block min in row 1"):
+        BlockQuantLinear.from_gguf_blocks(GGMLType.Q4_1, raw, 64)
+    with pytest.raises(ValueError, match="in_features"):
+        matmul_f32(np.zeros((1, 5), np.float32), np.zeros((2, 6), np.float32))
+
+
+def test_matmul_f32_fixed_order_and_batch_invariance() -> None:
+    rng = np.random.default_rng(7)
+    for in_features in (1, 15, 16, 33, 576):
+        w = rng.standard_normal((33, in_features)).astype(np.float32)
+        x = rng.standard_normal((17, in_features)).astype(np.float32)
+        y = matmul_f32(x, w)
+        np.testing.assert_array_equal(y, lane_ordered_sum(x[:, None, :] * w[None, :, :]))
+        exact = x.astype(np.float64) @ w.T.astype(np.float64)
+        bound = (in_features + 8) * 2.0**-24 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64))
+        assert np.all(np.abs(y - exact) <= bound)
+        for token in (0, 4, 16):
+            np.testing.assert_array_equal(y[token : token + 1], matmul_f32(x[token : token + 1], w))
+    layer = DenseLinear(w)
+    np.testing.assert_array_equal(layer(x), y)
+    np.testing.assert_array_equal(layer.dequantize_rows(np.array([3, 0])), w[[3, 0]])
+    assert layer.num_bytes == w.nbytes and (layer.out_features, layer.in_features) == (33, 576)
+
+
+def test_vnni_kernel_uses_vpdpbusd() -> None:
+    if not HAS_VNNI:
+        pytest.skip("CPU or JIT target lacks AVX-512 VNNI")
+    # Code loaded from Numba's cache cannot be inspected, so compile an uncached twin of the same Python function.
+    twin = numba.njit(nogil=True, parallel=True)(bq._matmul_blockq_vnni.py_func)
+    scales = np.ones((1, 1), np.float32)
+    twin(np.zeros((1, 32), np.int8), scales, np.zeros((1, 1), np.int32), np.zeros((1, 16), np.uint8), scales, scales, 1)
+    assembly = twin.inspect_asm(twin.signatures[0])
+    assert "vpdpbusd" in assembly and "zmm" in assembly
