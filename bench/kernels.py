@@ -21,7 +21,9 @@ from engine.kernels import ternary
 
 # (out_features, in_features) of a 2B4T layer's projections and how many of each a layer holds.
 LAYER_SHAPES = {(2560, 2560): 2, (640, 2560): 2, (6912, 2560): 2, (2560, 6912): 1}  # q,o / k,v / gate,up / down
+# 2-bit kernels take (xq, act_sum, codes); TL2 kernels take (tables, indices, signs, num_rows).
 KERNELS = {"avx512_vnni": ternary._matmul_ternary_vnni, "portable": ternary._matmul_ternary_portable}
+TL2_KERNELS = {"tl2_avx512": ternary._matmul_ternary_tl2_avx512, "tl2_portable": ternary._matmul_ternary_tl2_portable}
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,17 @@ def time_calls(function: Callable, argument_sets: list[tuple], budget_s: float, 
     return Timing(float(np.median(durations)), min(durations))
 
 
-def random_codes(rng: np.random.Generator, num_rows: int, in_features: int) -> np.ndarray:
-    """(num_rows, in_features // 4) uint8 codes of a random ternary matrix."""
-    return ternary.pack_ternary(rng.integers(-1, 2, size=(num_rows, in_features), dtype=np.int8))
+def run_tl2(kernel: Callable, xq: np.ndarray, in_features: int, num_rows: int, indices: np.ndarray,
+            signs: np.ndarray) -> np.ndarray:
+    """A TL2 matmul as a layer runs it: the per-token tables are built inside every call."""
+    return kernel(ternary.build_tl2_tables(xq, in_features), indices, signs, num_rows)
+
+
+def packed_copies(matrix: np.ndarray, path: str, cold_bytes: int) -> list[tuple[np.ndarray, ...]]:
+    """The matrix packed for path, repeated (as distinct copies) until the copies total cold_bytes."""
+    packed = ternary.pack_ternary_tl2(matrix) if path in TL2_KERNELS else (ternary.pack_ternary(matrix),)
+    num_bytes = sum(array.nbytes for array in packed)
+    return [packed] + [tuple(array.copy() for array in packed) for _ in range(math.ceil(cold_bytes / num_bytes) - 1)]
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -87,7 +97,8 @@ def main() -> None:
     parser.add_argument("--shapes", type=parse_shapes, default=list(LAYER_SHAPES),
                         help="comma-separated NxK (out x in), default: the four 2B4T projection shapes")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4, 16, 64, 128])
-    parser.add_argument("--paths", default="auto", help="comma-separated avx512_vnni,portable, or auto (the selected)")
+    parser.add_argument("--paths", default="auto",
+                        help="comma-separated: avx512_vnni, portable, tl2_avx512, tl2_portable; auto = the selected")
     parser.add_argument("--seconds", type=float, default=0.15, help="time budget per measurement")
     parser.add_argument("--cold-bytes", type=int, default=0,
                         help="rotate over copies of the codes totalling this many bytes, so weights come from DRAM")
@@ -99,23 +110,31 @@ def main() -> None:
     bandwidth_gbs = math.nan if args.skip_bandwidth else measure_read_bandwidth_gbs()
     print(f"kernel path selected at import: {ternary.KERNEL_PATH}; threads: {numba.get_num_threads()}; "
           f"DRAM read bandwidth (1 GiB int64 sum, all threads): {bandwidth_gbs:.1f} GB/s")
-    print(f"{'shape NxK':>11} {'batch':>5} {'path':>11} {'ms/call':>9} {'best ms':>9} {'G w/s':>7} {'GMAC/s':>7} "
+    print(f"{'shape NxK':>11} {'batch':>5} {'path':>12} {'ms/call':>9} {'best ms':>9} {'G w/s':>7} {'GMAC/s':>7} "
           f"{'GB/s':>6} {'%DRAM':>6} {'numpy ms':>9} {'x numpy':>8}")
     batch1_ms: dict[tuple[str, tuple[int, int]], float] = {}
     for shape in args.shapes:
         num_rows, in_features = shape
-        codes = random_codes(rng, num_rows, in_features)  # (N, padded_k // 4) uint8
-        copies = [codes] + [codes.copy() for _ in range(math.ceil(args.cold_bytes / codes.nbytes) - 1)]
-        weight = rng.standard_normal((num_rows, in_features)).astype(np.float32)  # (N, K) float32 baseline weight
-        for batch in args.batches:
-            x = rng.standard_normal((batch, in_features)).astype(np.float32)  # (batch, K) float32
+        matrix = rng.integers(-1, 2, size=shape, dtype=np.int8)  # (N, K) int8 ternary
+        copies = {path: packed_copies(matrix, path, args.cold_bytes) for path in paths}
+        weight = rng.standard_normal(shape).astype(np.float32)  # (N, K) float32 baseline weight
+        inputs = {batch: rng.standard_normal((batch, in_features)).astype(np.float32) for batch in args.batches}
+        # Baselines first, then a pause: OpenBLAS worker threads spin after a call and would steal the kernels' cores.
+        numpy_timings = {batch: time_calls(np.matmul, [(x, weight.T)], args.seconds) for batch, x in inputs.items()}
+        time.sleep(0.2)
+        for batch, x in inputs.items():
             xq, _, act_sum = ternary.quantize_activations(x)
-            numpy_timing = time_calls(np.matmul, [(x, weight.T)], args.seconds)
+            numpy_timing = numpy_timings[batch]
             for path in paths:
-                timing = time_calls(KERNELS[path], [(xq, act_sum, copy) for copy in copies], args.seconds)
+                if path in TL2_KERNELS:
+                    argument_sets = [(TL2_KERNELS[path], xq, in_features, num_rows, *packed) for packed in copies[path]]
+                    timing = time_calls(run_tl2, argument_sets, args.seconds)
+                else:
+                    argument_sets = [(xq, act_sum, *packed) for packed in copies[path]]
+                    timing = time_calls(KERNELS[path], argument_sets, args.seconds)
                 weights_per_s = num_rows * in_features / timing.median_s
-                gbs = codes.nbytes / timing.median_s / 1e9
-                print(f"{num_rows:>5}x{in_features:<5} {batch:>5} {path:>11} {timing.median_s * 1e3:>9.4f} "
+                gbs = sum(array.nbytes for array in copies[path][0]) / timing.median_s / 1e9
+                print(f"{num_rows:>5}x{in_features:<5} {batch:>5} {path:>12} {timing.median_s * 1e3:>9.4f} "
                       f"{timing.best_s * 1e3:>9.4f} {weights_per_s / 1e9:>7.1f} {weights_per_s * batch / 1e9:>7.1f} "
                       f"{gbs:>6.1f} {100 * gbs / bandwidth_gbs:>5.0f}% {numpy_timing.median_s * 1e3:>9.4f} "
                       f"{numpy_timing.median_s / timing.median_s:>8.1f}")

@@ -114,6 +114,12 @@ class LLMEngine:
             else:
                 self._update_from_output(plan, logits, stats)
         stats.duration_s = time.monotonic() - start
+        return self.snapshot(stats)
+
+    def snapshot(self, stats: StepStats | None = None) -> StepStats:
+        """Fill in queue and cache state (and requests finished since the last stats) without stepping; used after
+        aborts leave the engine idle, so gauges never keep showing a request that is gone."""
+        stats = stats or StepStats()
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_blocks_used = self.cache.num_used_blocks

@@ -71,27 +71,32 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._drain_inbox(block=not self.engine.has_work)
-            if not self.engine.has_work:
-                continue
-            stats = self.engine.step()
-            with self._lock:
-                self._num_waiting = stats.num_waiting
-                self._num_running = stats.num_running
-            if self.on_step is not None:
-                try:
-                    self.on_step(stats)
-                except Exception:  # an observer's bug must not stop serving
-                    logger.exception("step observer failed")
+            if self._drain_inbox(block=not self.engine.has_work) and not self.engine.has_work:
+                self._publish(self.engine.snapshot())  # e.g. the last running request was aborted
+            if self.engine.has_work:
+                self._publish(self.engine.step())
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _publish(self, stats: StepStats) -> None:
+        with self._lock:
+            self._num_waiting = stats.num_waiting
+            self._num_running = stats.num_running
+        if self.on_step is not None:
+            try:
+                self.on_step(stats)
+            except Exception:  # an observer's bug must not stop serving
+                logger.exception("step observer failed")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handle every queued command; True if there was any."""
+        handled = False
         try:
             command, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
             while True:
                 self._handle(command, payload)
+                handled = True
                 command, payload = self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return handled
 
     def _handle(self, command: str, payload: object) -> None:
         if command == "add":

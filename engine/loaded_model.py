@@ -17,7 +17,7 @@ from engine.weights import ModelWeights
 
 
 class LoadedModel:
-    def __init__(self, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path) -> None:
+    def __init__(self, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path | None = None) -> None:
         self.weights = weights
         self.args = weights.args
         self.transformer = Transformer(weights)
@@ -27,6 +27,8 @@ class LoadedModel:
     @property
     def id(self) -> str:
         """The served model id: the file or directory name without extension."""
+        if self.source is None:
+            return "in-memory"
         return self.source.stem if self.source.is_file() else self.source.name
 
     @property

@@ -1,5 +1,5 @@
 """Every failure at the HTTP edge as an OpenAI error body `{"error": {message, type, param, code}}`, plus the
-request-body size limit. Responses and log lines never carry request content or exception text.
+request-body size limit. These handlers never put request content or exception text in a response or a log line.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_block_and_float_types_match_reference_dequantize(tmp_path: Path, rng: n
     assert not args.tie_word_embeddings and model.lm_head is not model.embedding.table
 
 
-@pytest.mark.parametrize("architecture", ["bitnet", "bitnet-b1.58"])
+@pytest.mark.parametrize("architecture", ["bitnet", "bitnet-b1.58", "llama"])
 @pytest.mark.parametrize("ggml_type", [Q.TQ1_0, Q.TQ2_0], ids=lambda t: t.name)
 def test_ternary_block_types_match_reference_dequantize(tmp_path: Path, rng: np.random.Generator, ggml_type: Q,
                                                         architecture: str) -> None:
@@ -133,10 +133,10 @@ def test_ternary_block_types_match_reference_dequantize(tmp_path: Path, rng: np.
     write_gguf(tmp_path / "m.gguf", shape, weights, types)
     args, model, gguf_file = load_gguf(tmp_path / "m.gguf")
     assert_no_view_of_file(model, gguf_file)
-    # bitnet q/k are not permuted (rotate-half RoPE in llama.cpp and bitnet.cpp), so rows come back as written.
+    # Per-row blocks commute with llama's row permutation; bitnet files are not permuted at all.
     expected = {name: roundtrip(w, types.get(name, Q.F32)) for name, w in weights.items()}
     check_layers(model, expected)
-    assert args.hidden_act == "relu2" and args.architecture == "bitnet"
+    assert args.hidden_act == ("silu" if architecture == "llama" else "relu2")
     np.testing.assert_array_equal(all_rows(model.lm_head), expected["token_embd.weight"])
 
 

@@ -31,11 +31,8 @@ TOKEN_COUNTS = [1, 2, 5, 17]
 def run_matmul(path: str, ggml_type: GGMLType, xq, xd, xsum, layer: BlockQuantLinear) -> np.ndarray:
     """One kernel path called directly, whatever path the module chose at import."""
     wm = layer.wm if layer.wm is not None else layer.wd
-    if path == "avx512_vnni":
-        return bq._matmul_blockq_vnni(xq, xd, xsum, layer.wq, layer.wd, wm, _FMT[ggml_type])
-    if ggml_type == GGMLType.Q8_0:
-        return bq._matmul_q8_0_portable(xq, xd, layer.wq, layer.wd)
-    return bq._matmul_q4_portable(xq, xd, xsum, layer.wq, layer.wd, wm, _FMT[ggml_type])
+    kernel = bq._matmul_vnni if path == "avx512_vnni" else bq._matmul_portable
+    return kernel(xq, xd, xsum, layer.wq, layer.wd, wm, _FMT[ggml_type])
 
 
 def random_weights(rng: np.random.Generator, num_rows: int, in_features: int) -> np.ndarray:
@@ -185,14 +182,19 @@ def test_batch_invariance_and_paths_agree(path: str, ggml_type: GGMLType) -> Non
     np.testing.assert_array_equal(batch, run_matmul("portable", ggml_type, xq, xd, xsum, layer))
 
 
-def test_linear_call_uses_selected_path() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_quantize_matmul_equals_two_steps(path: str) -> None:
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((3, 96)).astype(np.float32)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    xq, xd, xsum = bq.quantize_q8_blocks(x)
+    fused = bq._quantize_matmul_vnni if path == "avx512_vnni" else bq._quantize_matmul_portable
     for ggml_type in FORMATS:
         layer = BlockQuantLinear.quantize(random_weights(rng, 7, 96), ggml_type)
-        xq, xd, xsum = bq.quantize_q8_blocks(x)
-        np.testing.assert_array_equal(layer(x), run_matmul("portable", ggml_type, xq, xd, xsum, layer))
-        np.testing.assert_array_equal(layer.matmul_quantized(xq, xd, xsum), layer(x))
+        wm = layer.wm if layer.wm is not None else layer.wd
+        expected = run_matmul("portable", ggml_type, xq, xd, xsum, layer)
+        np.testing.assert_array_equal(fused(x, layer.wq, layer.wd, wm, _FMT[ggml_type]), expected)
+        np.testing.assert_array_equal(layer(x), expected)
+        np.testing.assert_array_equal(layer.matmul_quantized(xq, xd, xsum), expected)
     assert np.all(BlockQuantLinear.quantize(np.zeros((2, 32), np.float32), GGMLType.Q4_1)(x[:, :32].copy()) == 0)
 
 
@@ -257,8 +259,10 @@ def test_vnni_kernel_uses_vpdpbusd() -> None:
     if not HAS_VNNI:
         pytest.skip("CPU or JIT target lacks AVX-512 VNNI")
     # Code loaded from Numba's cache cannot be inspected, so compile an uncached twin of the same Python function.
-    twin = numba.njit(nogil=True, parallel=True)(bq._matmul_blockq_vnni.py_func)
+    twin = numba.njit(nogil=True, parallel=True)(bq._matmul_padded_vnni.py_func)
     scales = np.ones((1, 1), np.float32)
-    twin(np.zeros((1, 32), np.int8), scales, np.zeros((1, 1), np.int32), np.zeros((1, 16), np.uint8), scales, scales, 1)
+    acts, sums = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32)
+    twin(acts, np.ones((1, 16), np.float32), sums, np.ones((1, 16), np.float32), np.zeros((1, 16), np.uint8), scales,
+         scales, 1)
     assembly = twin.inspect_asm(twin.signatures[0])
     assert "vpdpbusd" in assembly and "zmm" in assembly

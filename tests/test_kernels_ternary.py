@@ -62,7 +62,7 @@ def reference_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(x * scale[:, None]), -128, 127).astype(np.int8), scale
 
 
-# ---- packing ----------------------------------------------------------------------------------------------------------
+# ---- packing ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("in_features", [1, 5, 255, 256, 257, 1000])
@@ -92,7 +92,7 @@ def test_pack_rejects_bad_input() -> None:
         tk.pack_ternary(np.zeros((2, 3), dtype=np.int32))
 
 
-# ---- activation quantization ------------------------------------------------------------------------------------------
+# ---- activation quantization -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("num_tokens", "in_features"), [(1, 5), (3, 300), (17, 1000), (2, 2560)])
@@ -128,7 +128,7 @@ def test_quantize_activations_matches_numpy_on_any_finite_input(x: np.ndarray) -
     np.testing.assert_array_equal(x_scale, expected_scale)
 
 
-# ---- integer matmuls --------------------------------------------------------------------------------------------------
+# ---- integer matmuls -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -241,11 +241,11 @@ def test_cpu_features_follow_the_jit_target(monkeypatch: pytest.MonkeyPatch) -> 
     assert cpu_features._jit_target_features({"avx2", "avx512vnni"}) == {"avx2"}
 
 
-# ---- TernaryLinear ----------------------------------------------------------------------------------------------------
+# ---- TernaryLinear ---------------------------------------------------------------------------------------------------
 
 
 def float64_reference(x: np.ndarray, ternary: np.ndarray, scale_of_weight: np.ndarray) -> np.ndarray:
-    """(xq / s) @ (scale · T).T in float64; scale_of_weight is (N, K) float64, the scale each weight is multiplied by."""
+    """(xq / s) @ (scale · T).T in float64; scale_of_weight: (N, K) float64, the scale of each weight."""
     xq, x_scale = reference_quantize(x)
     return (xq.astype(np.float64) / x_scale.astype(np.float64)[:, None]) @ (ternary * scale_of_weight).T
 
@@ -318,3 +318,112 @@ def test_ternary_linear_needs_exactly_one_scale() -> None:
         TernaryLinear.from_ternary(ternary, 1.0, np.ones((2, 1), np.float32))
     with pytest.raises(ValueError, match="num_tokens"):
         TernaryLinear.from_ternary(ternary, 1.0)(np.zeros((1, 4), np.float32))
+
+
+# ---- TL2 lookup-table kernels ----------------------------------------------------------------------------------------
+
+TL2_MATMUL = {"portable": tk._matmul_ternary_tl2_portable, "avx512_vnni": tk._matmul_ternary_tl2_avx512}
+
+
+@pytest.mark.parametrize(("num_rows", "in_features"), [(1, 1), (1, 5), (33, 12), (65, 300), (31, 1000)])
+def test_tl2_pack_unpack_round_trip(num_rows: int, in_features: int) -> None:
+    ternary = random_ternary(np.random.default_rng(in_features), num_rows, in_features)
+    indices, signs = tk.pack_ternary_tl2(ternary)
+    num_groups = tk.tl2_num_groups(in_features)
+    assert num_groups % 4 == 0 and 3 * num_groups >= in_features
+    assert indices.shape == (-(-num_rows // 32), num_groups // 4, 32) and indices.dtype == np.uint16
+    assert signs.shape == (-(-num_rows // 32), num_groups) and signs.dtype == np.uint32
+    np.testing.assert_array_equal(tk.unpack_ternary_tl2(indices, signs, num_rows, in_features), ternary)
+
+
+def test_tl2_pack_layout_matches_the_documented_bits() -> None:
+    ternary = random_ternary(np.random.default_rng(5), 40, 50)
+    indices, signs = tk.pack_ternary_tl2(ternary)
+    padded = np.zeros((64, 3 * tk.tl2_num_groups(50)), dtype=np.int64)
+    padded[:40, :50] = ternary
+    for row in range(64):
+        tile, r = divmod(row, 32)
+        for group in range(padded.shape[1] // 3):
+            w0, w1, w2 = padded[row, 3 * group : 3 * group + 3]
+            pattern = 9 * (w0 + 1) + 3 * (w1 + 1) + (w2 + 1)
+            index = (int(indices[tile, group // 4, r]) >> (4 * (group % 4))) & 15
+            negative = (int(signs[tile, group]) >> r) & 1
+            assert (index, negative) == (min(pattern, 26 - pattern), int(pattern > 13)), (row, group)
+
+
+def test_tl2_tables_match_reference() -> None:
+    rng = np.random.default_rng(6)
+    xq, _ = random_xq(rng, 3, 100)
+    tables = tk.build_tl2_tables(xq, 100)
+    num_groups = tk.tl2_num_groups(100)
+    assert tables.shape == (3, num_groups, 16) and tables.dtype == np.int16
+    acts = np.zeros((3, 3 * num_groups), dtype=np.int64)
+    acts[:, :100] = xq[:, :100]
+    for pattern in range(14):
+        weights = np.array([pattern // 9, (pattern // 3) % 3, pattern % 3]) - 1
+        expected = acts.reshape(3, num_groups, 3) @ weights
+        np.testing.assert_array_equal(tables[:, :, pattern], expected)
+    assert not tables[:, :, 14:].any()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("in_features", IN_FEATURES)
+@pytest.mark.parametrize("num_rows", ROW_COUNTS)
+def test_matmul_ternary_tl2_is_exact(path: str, num_rows: int, in_features: int) -> None:
+    rng = np.random.default_rng(num_rows * 1000 + in_features + 1)
+    ternary = random_ternary(rng, num_rows, in_features)
+    indices, signs = tk.pack_ternary_tl2(ternary)
+    for num_tokens in TOKEN_COUNTS:
+        xq, _ = random_xq(rng, num_tokens, in_features)
+        out = TL2_MATMUL[path](tk.build_tl2_tables(xq, in_features), indices, signs, num_rows)
+        assert out.dtype == np.int32 and out.shape == (num_tokens, num_rows)
+        np.testing.assert_array_equal(out, reference_int_sums(xq, ternary), err_msg=f"T={num_tokens}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matmul_ternary_tl2_extreme_values(path: str) -> None:
+    """Every table entry at its largest magnitude (384) over 4000 groups: int16 lane sums must be widened in time."""
+    ternary = -np.ones((35, 12000), dtype=np.int8)
+    ternary[1::2] = 1
+    xq = np.full((5, 12000), -128, dtype=np.int8)
+    xq[2] = 127
+    out = TL2_MATMUL[path](tk.build_tl2_tables(xq, 12000), *tk.pack_ternary_tl2(ternary), 35)
+    np.testing.assert_array_equal(out, reference_int_sums(xq, ternary))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matmul_ternary_tl2_is_batch_invariant(path: str) -> None:
+    rng = np.random.default_rng(8)
+    ternary = random_ternary(rng, 70, 500)
+    indices, signs = tk.pack_ternary_tl2(ternary)
+    xq, _ = random_xq(rng, 17, 500)
+    batched = TL2_MATMUL[path](tk.build_tl2_tables(xq, 500), indices, signs, 70)
+    for token in range(17):
+        single = TL2_MATMUL[path](tk.build_tl2_tables(xq[token : token + 1], 500), indices, signs, 70)
+        np.testing.assert_array_equal(batched[token], single[0])
+
+
+def test_tl2_public_wrappers() -> None:
+    rng = np.random.default_rng(9)
+    ternary = random_ternary(rng, 40, 77)
+    indices, signs = tk.pack_ternary_tl2(ternary)
+    xq, _ = random_xq(rng, 2, 77)
+    tables = tk.build_tl2_tables(xq, 77)
+    np.testing.assert_array_equal(tk.matmul_ternary_tl2(tables, indices, signs, 40), reference_int_sums(xq, ternary))
+    with pytest.raises(ValueError, match="num_rows"):
+        tk.matmul_ternary_tl2(tables, indices, signs, 70)
+    with pytest.raises(ValueError, match="tables"):
+        tk.matmul_ternary_tl2(tables[:, :4], indices, signs, 40)
+    with pytest.raises(ValueError, match="indices"):
+        tk.matmul_ternary_tl2(tables, indices.astype(np.uint8), signs, 40)
+    with pytest.raises(ValueError, match="xq"):
+        tk.build_tl2_tables(xq, 5000)
+
+
+def test_tl2_kernel_uses_vpermw() -> None:
+    if not HAS_VNNI:
+        pytest.skip("CPU or JIT target lacks AVX-512")
+    twin = numba.njit(nogil=True, parallel=True)(tk._matmul_ternary_tl2_avx512.py_func)
+    indices, signs = tk.pack_ternary_tl2(np.zeros((1, 3), np.int8))
+    twin(tk.build_tl2_tables(np.zeros((1, 3), np.int8), 3), indices, signs, 1)
+    assert "vpermw" in twin.inspect_asm(twin.signatures[0])

@@ -110,10 +110,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     """
     path = Path(path)
     try:
+        # (file_size,) uint8, read-only; numpy cannot map an empty file, which fails below as a bad magic.
         file_bytes = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     except OSError as exc:
         raise ModelFormatError(path, f"cannot read the file ({exc.strerror or exc})") from None
-    # (file_size,) uint8, read-only
     cursor = _Cursor(path, memoryview(file_bytes))
     version = _read_preamble(cursor)
     tensor_count = cursor.unpack("<Q", "tensor count")
@@ -126,7 +126,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
             raise ModelFormatError(path, f"metadata key '{key}' appears twice")
         value_types[key] = cursor.value_type(f"metadata '{key}'")
         metadata[key] = _read_value(cursor, value_types[key], f"metadata '{key}'", 0)
-    infos = [_read_tensor_info(cursor) for _ in range(cursor.check_count(tensor_count, 24, "tensor infos"))]
+    infos = [_read_tensor_info(cursor) for _ in range(cursor.check_count(tensor_count, 32, "tensor infos"))]
     alignment = _alignment(path, metadata, value_types)
     data_offset = -(-cursor.offset // alignment) * alignment
     tensors: dict[str, RawTensor] = {}

@@ -30,38 +30,53 @@ _FMT_Q8_0 = 2
 # Quantizers: ggml's reference rounding in float32 operations (no fused multiply-add), so codes match gguf's bytes.
 
 
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """int32 bit pattern -> the float32 it encodes."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
 @njit(cache=True, nogil=True)
-def _round_half_away(value: np.float32) -> int:
-    """C roundf: ties go away from zero, as ggml's Q8_0 reference rounds."""
-    magnitude = abs(value)
-    floored = np.floor(magnitude)
-    if magnitude - floored >= np.float32(0.5):
-        floored += np.float32(1.0)
-    return int(floored) if value >= 0 else -int(floored)
+def _quantize_row_q8(x_row: np.ndarray, xq_row: np.ndarray, xd_row: np.ndarray, xsum_row: np.ndarray) -> None:
+    """One row: per block of 32, scale = max|x| / 127 and code = roundf(x · (1 / scale)), ties away from zero.
+
+    x_row (K,) float32 -> xq_row (K,) int8, xd_row (K // 32,) float32, xsum_row (K // 32,) int32. Branch-free loops
+    so LLVM vectorizes them; max|x| is taken on the bit patterns (sign cleared), which order like the magnitudes.
+    """
+    bits = x_row.view(np.int32)  # (K,) int32
+    for block in range(xd_row.shape[0]):
+        start = block * 32
+        amax_bits = np.int32(0)
+        for col in range(start, start + 32):
+            amax_bits = max(amax_bits, bits[col] & np.int32(0x7FFFFFFF))
+        scale = _float_from_bits(amax_bits) / np.float32(127.0)
+        inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
+        total = np.int32(0)
+        for col in range(start, start + 32):
+            value = x_row[col] * inverse
+            magnitude = abs(value)
+            rounded = np.floor(magnitude)
+            rounded += np.float32(1.0) if magnitude - rounded >= np.float32(0.5) else np.float32(0.0)
+            code = np.int32(rounded)
+            code = -code if value < 0 else code
+            xq_row[col] = code
+            total += code
+        xd_row[block] = scale
+        xsum_row[block] = total
 
 
 @njit(cache=True, nogil=True)
 def _quantize_q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num_tokens, num_cols = x.shape
-    num_blocks = num_cols // 32
     xq = np.empty((num_tokens, num_cols), np.int8)  # (num_tokens, K) int8
-    xd = np.empty((num_tokens, num_blocks), np.float32)  # (num_tokens, K // 32) float32
-    xsum = np.empty((num_tokens, num_blocks), np.int32)  # (num_tokens, K // 32) int32
+    xd = np.empty((num_tokens, num_cols // 32), np.float32)  # (num_tokens, K // 32) float32
+    xsum = np.empty((num_tokens, num_cols // 32), np.int32)  # (num_tokens, K // 32) int32
     for token in range(num_tokens):
-        for block in range(num_blocks):
-            start = block * 32
-            amax = np.float32(0.0)
-            for col in range(start, start + 32):
-                amax = max(amax, abs(x[token, col]))
-            scale = amax / np.float32(127.0)
-            inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
-            total = 0
-            for col in range(start, start + 32):
-                code = _round_half_away(x[token, col] * inverse)
-                xq[token, col] = code
-                total += code
-            xd[token, block] = scale
-            xsum[token, block] = total
+        _quantize_row_q8(x[token], xq[token], xd[token], xsum[token])
     return xq, xd, xsum
 
 
@@ -111,7 +126,7 @@ def quantize_q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     x: (num_tokens, K) float32, K % 32 == 0 -> xq (num_tokens, K) int8, xd (num_tokens, K // 32) float32 (not rounded to
     fp16), xsum (num_tokens, K // 32) int32 = Σ xq over each block.
     """
-    _check_array("x", x, np.float32, 2)
+    _check("x", x, np.float32, 2)
     _check_in_features(x.shape[1])
     return _quantize_q8_blocks(x)
 
@@ -124,7 +139,7 @@ def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weights to Q4_0: w (N, K) float32 -> wq (N, K // 2) uint8 in GGUF nibble order, wd (N, K // 32) fp16 values."""
-    _check_array("w", w, np.float32, 2)
+    _check("w", w, np.float32, 2)
     _check_in_features(w.shape[1])
     wq, wd, _ = _quantize_q4(w, _FMT_Q4_0)
     return wq, _round_to_fp16(wd)
@@ -132,7 +147,7 @@ def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_q4_1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights to Q4_1: w (N, K) float32 -> wq (N, K // 2) uint8, wd and wm (N, K // 32) fp16 scales and minimums."""
-    _check_array("w", w, np.float32, 2)
+    _check("w", w, np.float32, 2)
     _check_in_features(w.shape[1])
     wq, wd, wm = _quantize_q4(w, _FMT_Q4_1)
     return wq, _round_to_fp16(wd), _round_to_fp16(wm)
@@ -213,10 +228,14 @@ def _sum_lanes(lanes: np.ndarray) -> np.float32:
 
 
 @njit(cache=True, nogil=True)
-def _dot_block_q4(wq_row: np.ndarray, xq_row: np.ndarray, block: int) -> tuple[int, int]:
-    """(Σ nibble·q, Σ q) over one block; nibble j is the low half of byte j, nibble j + 16 the high half."""
+def _dot_block(wq_row: np.ndarray, xq_row: np.ndarray, block: int, fmt: int) -> tuple[int, int]:
+    """(Σ code·q, Σ q) over one block. Q4: code j is the low nibble of byte j, code j + 16 its high nibble."""
     dot = np.int32(0)
     total = np.int32(0)
+    if fmt == _FMT_Q8_0:
+        for col in range(block * 32, block * 32 + 32):
+            dot += np.int32(wq_row[col]) * np.int32(xq_row[col])
+        return dot, total
     for j in range(16):
         byte = np.int32(wq_row[block * 16 + j])
         low = np.int32(xq_row[block * 32 + j])
@@ -227,7 +246,7 @@ def _dot_block_q4(wq_row: np.ndarray, xq_row: np.ndarray, block: int) -> tuple[i
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _matmul_q4_portable(
+def _matmul_portable(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
 ) -> np.ndarray:
     num_tokens = xq.shape[0]
@@ -238,34 +257,24 @@ def _matmul_q4_portable(
         for token in range(num_tokens):
             lanes[:] = 0
             for block in range(num_blocks):
-                dot, total = _dot_block_q4(wq[row], xq[token], block)
+                dot, total = _dot_block(wq[row], xq[token], block, fmt)
                 scale = wd[row, block] * xd[token, block]
-                if fmt == _FMT_Q4_0:
-                    product = np.float32(dot - 8 * total) * scale
-                else:
+                if fmt == _FMT_Q4_1:
                     act_sum = xd[token, block] * np.float32(xsum[token, block])
                     product = np.float32(dot) * scale + wm[row, block] * act_sum
+                elif fmt == _FMT_Q4_0:
+                    product = np.float32(dot - 8 * total) * scale
+                else:
+                    product = np.float32(dot) * scale
                 lanes[block % 16] += product
             out[token, row] = _sum_lanes(lanes)
     return out
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _matmul_q8_0_portable(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
-    num_tokens = xq.shape[0]
-    num_rows, num_blocks = wd.shape
-    out = np.empty((num_tokens, num_rows), np.float32)  # (num_tokens, N) float32
-    for row in prange(num_rows):
-        lanes = np.empty(_NUM_LANES, np.float32)  # (16,) float32 partial sums of this row and one token
-        for token in range(num_tokens):
-            lanes[:] = 0
-            for block in range(num_blocks):
-                dot = np.int32(0)
-                for col in range(block * 32, block * 32 + 32):
-                    dot += np.int32(wq[row, col]) * np.int32(xq[token, col])
-                lanes[block % 16] += np.float32(dot) * (wd[row, block] * xd[token, block])
-            out[token, row] = _sum_lanes(lanes)
-    return out
+@njit(cache=True, nogil=True)
+def _quantize_matmul_portable(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
+    xq, xd, xsum = _quantize_q8_blocks(x)
+    return _matmul_portable(xq, xd, xsum, wq, wd, wm, fmt)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -473,18 +482,18 @@ def _pad_activations(
     correction = 128 if fmt == _FMT_Q8_0 else 8 if fmt == _FMT_Q4_0 else 0
     for token in range(num_tokens):
         for block in range(num_blocks):
-            total = 0
-            low_start = block // 4 * 128 + block % 4 * 16
+            start = block * 32
+            # Q8_0 keeps the natural order; Q4 puts each group of 4 blocks' low-nibble partners (elements 0..15 of each
+            # block) in 64 bytes, then their high-nibble partners (16..31) in the next 64.
+            low_start = start if fmt == _FMT_Q8_0 else block // 4 * 128 + block % 4 * 16
+            high_start = start + 16 if fmt == _FMT_Q8_0 else low_start + 64
+            total = np.int32(0)
             for j in range(16):
-                low = xq[token, block * 32 + j]
-                high = xq[token, block * 32 + 16 + j]
+                low = xq[token, start + j]
+                high = xq[token, start + 16 + j]
+                xp[token, low_start + j] = low
+                xp[token, high_start + j] = high
                 total += np.int32(low) + np.int32(high)
-                if fmt == _FMT_Q8_0:
-                    xp[token, block * 32 + j] = low
-                    xp[token, block * 32 + 16 + j] = high
-                else:
-                    xp[token, low_start + j] = low
-                    xp[token, low_start + 64 + j] = high
             xdp[token, block] = xd[token, block]
             xc[token, block] = correction * total
             xs[token, block] = xd[token, block] * np.float32(xsum[token, block])
@@ -492,11 +501,11 @@ def _pad_activations(
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _matmul_blockq_vnni(
-    xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
+def _matmul_padded_vnni(
+    xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray, xs: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
+    fmt: int,
 ) -> np.ndarray:
-    xp, xdp, xc, xs = _pad_activations(xq, xd, xsum, fmt)
-    num_tokens = xq.shape[0]
+    num_tokens = xp.shape[0]
     out = np.empty((num_tokens, wq.shape[0]), np.float32)  # (num_tokens, N) float32
     num_tiled = num_tokens - num_tokens % _TOKENS_PER_TILE
     # Tokens inside the row loop: the weight row stays in L1 while every token reads it.
@@ -521,8 +530,23 @@ def _matmul_blockq_vnni(
     return out
 
 
+@njit(cache=True, nogil=True)
+def _matmul_vnni(
+    xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
+) -> np.ndarray:
+    xp, xdp, xc, xs = _pad_activations(xq, xd, xsum, fmt)
+    return _matmul_padded_vnni(xp, xdp, xc, xs, wq, wd, wm, fmt)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_matmul_vnni(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
+    xq, xd, xsum = _quantize_q8_blocks(x)
+    return _matmul_vnni(xq, xd, xsum, wq, wd, wm, fmt)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Public wrappers: check dtype, contiguity and shape, then call the path chosen once at import.
+# Public wrappers: check dtype, shape and C order (cheaply: a decode step makes hundreds of calls), then call the path
+# chosen once at import.
 
 
 def _select_kernel_path() -> str:
@@ -536,19 +560,28 @@ def _select_kernel_path() -> str:
 
 
 KERNEL_PATH = _select_kernel_path()
+_MATMUL = _matmul_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_portable
+_QUANTIZE_MATMUL = _quantize_matmul_vnni if KERNEL_PATH == "avx512_vnni" else _quantize_matmul_portable
 
 
-def _check_array(name: str, array: np.ndarray, dtype: type, ndim: int) -> None:
-    if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != ndim:
-        got = f"{array.dtype} with {array.ndim} dims" if isinstance(array, np.ndarray) else type(array).__name__
-        raise ValueError(f"{name} must be a {ndim}-D {np.dtype(dtype).name} array, got {got}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
-
-
-def _check_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    if array.shape != shape:
+def _check(name: str, array: np.ndarray, dtype: type, shape: tuple[int, ...] | int) -> None:
+    """array must be a C-contiguous ndarray of dtype with this shape (or, given an int, this many dimensions)."""
+    if (
+        type(array) is np.ndarray
+        and array.dtype == dtype
+        and (array.shape == shape if isinstance(shape, tuple) else array.ndim == shape)
+        and array.flags.c_contiguous
+    ):
+        return
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(array).__name__}")
+    if array.dtype != dtype:
+        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {array.dtype}")
+    if isinstance(shape, tuple) and array.shape != shape:
         raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    if not isinstance(shape, tuple) and array.ndim != shape:
+        raise ValueError(f"{name} must have {shape} dimensions, got shape {array.shape}")
+    raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
 
 
 def _check_in_features(in_features: int) -> None:
@@ -559,26 +592,28 @@ def _check_in_features(in_features: int) -> None:
 def check_weights(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None, code_dtype: type) -> int:
     """Checks a block-quantized weight in structure-of-arrays form (codes int8 for Q8_0, uint8 nibble pairs for Q4);
     returns in_features. Raises ValueError naming the array at fault."""
-    _check_array("wq", wq, code_dtype, 2)
+    _check("wq", wq, code_dtype, 2)
     in_features = wq.shape[1] * (1 if code_dtype == np.int8 else 2)
     _check_in_features(in_features)
-    _check_array("wd", wd, np.float32, 2)
-    _check_shape("wd", wd, (wq.shape[0], in_features // BLOCK_SIZE))
+    _check("wd", wd, np.float32, (wq.shape[0], in_features // BLOCK_SIZE))
     if wm is not None:
-        _check_array("wm", wm, np.float32, 2)
-        _check_shape("wm", wm, wd.shape)
+        _check("wm", wm, np.float32, wd.shape)
     return in_features
 
 
 def _check_activations(xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray | None, in_features: int) -> None:
-    _check_array("xq", xq, np.int8, 2)
+    _check("xq", xq, np.int8, 2)
     if xq.shape[1] != in_features:
         raise ValueError(f"xq has {xq.shape[1]} columns but the weight has in_features={in_features}")
-    _check_array("xd", xd, np.float32, 2)
-    _check_shape("xd", xd, (xq.shape[0], in_features // BLOCK_SIZE))
+    _check("xd", xd, np.float32, (xq.shape[0], in_features // BLOCK_SIZE))
     if xsum is not None:
-        _check_array("xsum", xsum, np.int32, 2)
-        _check_shape("xsum", xsum, xd.shape)
+        _check("xsum", xsum, np.int32, xd.shape)
+
+
+def _check_float_input(x: np.ndarray, in_features: int) -> None:
+    _check("x", x, np.float32, 2)
+    if x.shape[1] != in_features:
+        raise ValueError(f"x has {x.shape[1]} columns but the weight has in_features={in_features}")
 
 
 def _checked_row_ids(row_ids: np.ndarray, num_rows: int) -> np.ndarray:
@@ -591,28 +626,41 @@ def _checked_row_ids(row_ids: np.ndarray, num_rows: int) -> np.ndarray:
 
 
 def matmul_q4_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
-    """y = x @ W.T for Q4_0 weights. xq (T, K) int8, xd (T, K // 32) float32, wq (N, K // 2) uint8 in GGUF nibble
-    order, wd (N, K // 32) float32 -> (T, N) float32 = Σ_b wd·xd·Σ (nibble - 8)·q. Batch invariant."""
+    """y = x @ W.T for Q4_0 weights. xq (T, K) int8, xd (T, K // 32) float32 from quantize_q8_blocks; wq (N, K // 2)
+    uint8 in GGUF nibble order, wd (N, K // 32) float32 -> (T, N) float32 = Σ_b wd·xd·Σ (nibble - 8)·q."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, np.uint8))
-    if KERNEL_PATH == "avx512_vnni":
-        return _matmul_blockq_vnni(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
-    return _matmul_q4_portable(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
 
 
 def matmul_q4_1(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray
 ) -> np.ndarray:
-    """y = x @ W.T for Q4_1 weights. xsum (T, K // 32) int32 = Σ xq per block, wm (N, K // 32) float32 block minimum
-    -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·q + wm·xd·xsum]. Batch invariant."""
+    """y = x @ W.T for Q4_1 weights. xsum (T, K // 32) int32 = Σ xq per block, wm (N, K // 32) float32 block minimums
+    -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·q + wm·xd·xsum]."""
     _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, np.uint8))
-    if KERNEL_PATH == "avx512_vnni":
-        return _matmul_blockq_vnni(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
-    return _matmul_q4_portable(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
+    return _MATMUL(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
 
 
 def matmul_q8_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """y = x @ W.T for Q8_0 weights. wq (N, K) int8, wd (N, K // 32) float32 -> (T, N) float32 = Σ_b wd·xd·Σ w·q."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, np.int8))
-    if KERNEL_PATH == "avx512_vnni":
-        return _matmul_blockq_vnni(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q8_0)
-    return _matmul_q8_0_portable(xq, xd, wq, wd)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q8_0)
+
+
+def quantize_matmul_q4_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """quantize_q8_blocks(x) then matmul_q4_0, in one call (no intermediate arrays cross into Python).
+    x (T, K) float32 -> (T, N) float32, the same bits as the two calls."""
+    _check_float_input(x, check_weights(wq, wd, None, np.uint8))
+    return _QUANTIZE_MATMUL(x, wq, wd, wd, _FMT_Q4_0)
+
+
+def quantize_matmul_q4_1(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """quantize_q8_blocks(x) then matmul_q4_1, in one call. x (T, K) float32 -> (T, N) float32."""
+    _check_float_input(x, check_weights(wq, wd, wm, np.uint8))
+    return _QUANTIZE_MATMUL(x, wq, wd, wm, _FMT_Q4_1)
+
+
+def quantize_matmul_q8_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """quantize_q8_blocks(x) then matmul_q8_0, in one call. x (T, K) float32 -> (T, N) float32."""
+    _check_float_input(x, check_weights(wq, wd, None, np.int8))
+    return _QUANTIZE_MATMUL(x, wq, wd, wd, _FMT_Q8_0)

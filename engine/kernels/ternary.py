@@ -24,11 +24,20 @@ _ROWS_PER_TILE = 4  # output rows computed together: each activation vector load
 _TOKENS_PER_TILE = 4  # tokens computed together in a GEMM: each extracted code vector serves four tokens
 _TILES_PER_GROUP = 16  # row tiles per parallel iteration (64 rows); see _matmul_ternary_vnni
 
+# TL2 (see the TL2 section): 32 rows per packed tile, one int16 lane each in a 512-bit register.
+TL2_TILE_ROWS = 32
+_TL2_TABLE_ENTRIES = 16  # 14 sign-folded patterns of three ternary weights, padded to 16 int16 (32 bytes)
+# (3, 16) int16: weight i of pattern m (m = 9(w0+1) + 3(w1+1) + (w2+1) for m <= 13); columns 14 and 15 are zero.
+_TL2_PATTERN_WEIGHTS = np.array([[m // 9 - 1, (m // 3) % 3 - 1, m % 3 - 1] for m in range(14)] + [[0, 0, 0]] * 2,
+                                dtype=np.int16).T.copy()
+_TL2_QUADS_PER_FLUSH = 21  # 84 groups × max |entry| 384 < 2^15: int16 lane sums are widened before they can overflow
+
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F64 = ir.DoubleType()
 _VEC = ir.VectorType(_I32, 16)  # 64 bytes seen as 16 int32 lanes: the operand type vpdpbusd is declared with
+_V32I16 = ir.VectorType(ir.IntType(16), 32)
 
 
 def _as_i32(value: int) -> int:
@@ -66,16 +75,18 @@ def _load_vec(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value) -> i
     return builder.load(builder.bitcast(ptr, _VEC.as_pointer()), align=1)
 
 
-def _row_pointers(context, builder: ir.IRBuilder, array_type, array_value, index_type, index_tuple) -> list[ir.Value]:
-    """Byte pointers (i8*) to the rows named by a UniTuple of integers, in a C-contiguous 2-D array."""
+def _row_pointer(context, builder: ir.IRBuilder, array_type, array_value, index_type, index) -> ir.Value:
+    """Byte pointer (i8*) to the start of array[index] (the first axis) of a C-contiguous array."""
     array = context.make_array(array_type)(context, builder, array_value)
     row_stride_bytes = builder.extract_value(array.strides, 0)
-    data = builder.bitcast(array.data, _I8.as_pointer())
-    pointers = []
-    for index in cgutils.unpack_tuple(builder, index_tuple, index_type.count):
-        row = context.cast(builder, index, index_type.dtype, types.int64)
-        pointers.append(builder.gep(data, [builder.mul(row, row_stride_bytes)]))
-    return pointers
+    row = context.cast(builder, index, index_type, types.int64)
+    return builder.gep(builder.bitcast(array.data, _I8.as_pointer()), [builder.mul(row, row_stride_bytes)])
+
+
+def _row_pointers(context, builder: ir.IRBuilder, array_type, array_value, index_type, index_tuple) -> list[ir.Value]:
+    """Byte pointers (i8*) to the rows named by a UniTuple of integers."""
+    return [_row_pointer(context, builder, array_type, array_value, index_type.dtype, index)
+            for index in cgutils.unpack_tuple(builder, index_tuple, index_type.count)]
 
 
 def _emit_gemv_sums(builder: ir.IRBuilder, code_rows: list, row_stride_bytes: ir.Value, act_row: ir.Value,
@@ -138,6 +149,34 @@ def _emit_gemm_sums(builder: ir.IRBuilder, code_rows: list, act_rows: list, num_
     return [_reduce_add(builder, builder.load(acc)) for acc in accs]
 
 
+def _emit_horizontal_sums(builder: ir.IRBuilder, vectors: list) -> ir.Value:
+    """Lane sums of 1, 2, 4, 8 or 16 <16 x i32> vectors -> <len(vectors) x i32>, lane i = Σ lanes of vectors[i].
+
+    A transposing tree: each step adds the two halves of every lane group of two vectors into one vector, one
+    two-source permute per half (vpermt2d), so 16 sums cost 15 steps instead of 16 full reductions.
+    """
+    num_sums = len(vectors)
+    level = [(vector, [index]) for index, vector in enumerate(vectors)]  # (vector, sum ids of its lane groups)
+    while len(level) > 1 or 16 // len(level[0][1]) > 1:
+        pairs = list(zip(level[::2], level[1::2], strict=True)) if len(level) > 1 else [(level[0], level[0])]
+        level = []
+        for (left, left_ids), (right, right_ids) in pairs:
+            group_lanes = 16 // len(left_ids)
+            half = group_lanes // 2
+            first, second = [], []
+            for group in range(2 * len(left_ids)):
+                source = (group % len(left_ids)) * group_lanes + (0 if group < len(left_ids) else 16)
+                first += [source + lane for lane in range(half)]
+                second += [source + half + lane for lane in range(half)]
+            mask_type = ir.VectorType(_I32, 16)
+            low = builder.shuffle_vector(left, right, ir.Constant(mask_type, first))
+            high = builder.shuffle_vector(left, right, ir.Constant(mask_type, second))
+            level.append((builder.add(low, high), left_ids + right_ids))
+    vector, ids = level[0]
+    lanes = [ids.index(index) for index in range(num_sums)]
+    return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, num_sums), lanes))
+
+
 @intrinsic
 def _dot_tile(typingctx, codes, xq, rows, tokens, num_blocks):
     """Σ c·q over all blocks for each (row, token) of a tile: UniTuple(int32, len(rows) * len(tokens)), row-major.
@@ -186,18 +225,28 @@ def _blockscaled_tile(typingctx, codes, xq, block_scales, block_act_sums, rows, 
                         for ptr in _row_pointers(context, builder, act_sums_type, act_sums_value, tokens_type,
                                                  tokens_value)]
         num_blocks_i64 = context.cast(builder, blocks_value, blocks_type, types.int64)
-        totals = [cgutils.alloca_once_value(builder, ir.Constant(_F64, 0.0)) for _ in range(num_sums)]
+        # Each (row, token) total is one float64 lane, updated as total + f64(block sum) · f64(scale) in block order:
+        # the same operations, in the same order, as the portable kernel.
+        sum_vector_type = ir.VectorType(_I32, num_sums)
+        totals = cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(_F64, num_sums), None))
         with cgutils.for_range(builder, num_blocks_i64) as loop:
             lanes = _emit_block_products(builder, code_rows, act_rows, loop.index)
+            block_sums = _emit_horizontal_sums(builder, lanes)  # (num_sums,) lanes, row-major
+            act_sums = ir.Constant(sum_vector_type, None)
+            scales = ir.Constant(ir.VectorType(ir.FloatType(), num_sums), None)
             for row, scale_row in enumerate(scale_rows):
-                scale = builder.fpext(builder.load(builder.gep(scale_row, [loop.index])), _F64)
+                scale = builder.load(builder.gep(scale_row, [loop.index]))
                 for token, act_sum_row in enumerate(act_sum_rows):
-                    slot = row * len(act_rows) + token
-                    block_sum = builder.sub(_reduce_add(builder, lanes[slot]),
-                                            builder.load(builder.gep(act_sum_row, [loop.index])))
-                    product = builder.fmul(builder.sitofp(block_sum, _F64), scale)
-                    builder.store(builder.fadd(builder.load(totals[slot]), product), totals[slot])
-        return context.make_tuple(builder, signature.return_type, [builder.load(total) for total in totals])
+                    slot = ir.Constant(_I32, row * len(act_rows) + token)
+                    act_sums = builder.insert_element(act_sums, builder.load(builder.gep(act_sum_row, [loop.index])),
+                                                      slot)
+                    scales = builder.insert_element(scales, scale, slot)
+            corrected = builder.sitofp(builder.sub(block_sums, act_sums), ir.VectorType(_F64, num_sums))
+            product = builder.fmul(corrected, builder.fpext(scales, ir.VectorType(_F64, num_sums)))
+            builder.store(builder.fadd(builder.load(totals), product), totals)
+        total_lanes = builder.load(totals)
+        totals = [builder.extract_element(total_lanes, ir.Constant(_I32, slot)) for slot in range(num_sums)]
+        return context.make_tuple(builder, signature.return_type, totals)
 
     return sig, codegen
 
@@ -351,6 +400,153 @@ def _matmul_ternary_blockscaled_portable(xq: np.ndarray, codes: np.ndarray, bloc
     return out
 
 
+# ---- TL2: lookup tables over groups of three weights (1.67 bits per weight) ----------------------------------------
+# Group g holds weights 3g, 3g+1, 3g+2 as the pattern v = 9(w0+1) + 3(w1+1) + (w2+1) in 0..26. Patterns v and 26 - v
+# are negatives of each other, so a group is stored as index min(v, 26 - v) in 0..13 (4 bits) plus a sign bit. Per
+# token, a table of the 14 partial sums of every group (|entry| <= 3 · 128) is built once and serves every row.
+# Packed per tile of 32 rows: word r of a quad holds the indices of row r for groups 4q..4q+3 in nibbles 0..3, so a
+# 16-bit shift of one 64-byte vector gives the 32 rows' indices of one group; vpermw reads only the low 5 bits of each
+# index, and with the 16-entry table repeated in both register halves the bits above the nibble never matter.
+
+
+def _vpermw(builder: ir.IRBuilder, table: ir.Value, indices: ir.Value) -> ir.Value:
+    """32 int16 lookups (low 5 bits of each index) in a 32-entry int16 table held in one register."""
+    fnty = ir.FunctionType(_V32I16, [_V32I16, _V32I16])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.permvar.hi.512")
+    return builder.call(fn, [table, indices])
+
+
+def _widen_into(builder: ir.IRBuilder, acc16: ir.Value, acc32_pair: tuple) -> None:
+    """Add the 32 int16 lane sums into two <16 x i32> accumulators (rows 0-15, rows 16-31) and zero the int16 ones."""
+    lanes = builder.load(acc16)
+    for half, acc32 in enumerate(acc32_pair):
+        lane_ids = ir.Constant(ir.VectorType(_I32, 16), list(range(16 * half, 16 * half + 16)))
+        builder.store(builder.add(builder.load(acc32), builder.sext(builder.shuffle_vector(lanes, lanes, lane_ids),
+                                                                        _VEC)), acc32)
+    builder.store(ir.Constant(_V32I16, None), acc16)
+
+
+def _emit_tl2_quad(builder: ir.IRBuilder, index_row, sign_row, table_rows: list, acc16: list, quad: ir.Value) -> None:
+    """Adds the four groups of one quad into every token's int16 row accumulators."""
+    words = _load_vec(builder, index_row, builder.mul(quad, ir.Constant(_I64, 64)))
+    words = builder.bitcast(words, _V32I16)
+    repeat_table = ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2)
+    for nibble in range(4):
+        group = builder.add(builder.mul(quad, ir.Constant(_I64, 4)), ir.Constant(_I64, nibble))
+        indices = builder.lshr(words, ir.Constant(_V32I16, [4 * nibble] * 32)) if nibble else words
+        negative = builder.bitcast(builder.load(builder.gep(sign_row, [group])), ir.VectorType(ir.IntType(1), 32))
+        for table_row, acc in zip(table_rows, acc16, strict=True):
+            table_ptr = builder.gep(table_row, [builder.mul(group, ir.Constant(_I64, 2 * _TL2_TABLE_ENTRIES))])
+            half_table = builder.load(builder.bitcast(table_ptr, ir.VectorType(ir.IntType(16), 16).as_pointer()),
+                                      align=1)
+            values = _vpermw(builder, builder.shuffle_vector(half_table, half_table, repeat_table), indices)
+            total = builder.load(acc)
+            builder.store(builder.select(negative, builder.sub(total, values), builder.add(total, values)), acc)
+
+
+@intrinsic
+def _tl2_tile(typingctx, tables, indices, signs, tile, tokens, num_quads):
+    """Σ_g ±table[token, g, index] for the 32 rows of one tile: UniTuple(int32, 32 · len(tokens)), row-major.
+
+    tables: (T, num_groups, 16) int16, indices: (num_tiles, num_quads, 32) uint16, signs: (num_tiles, num_groups)
+    uint32, all C-contiguous, num_groups = 4 · num_quads. Indices and signs are decoded once for all tokens.
+    """
+    sig = types.UniTuple(types.int32, 32 * tokens.count)(tables, indices, signs, tile, tokens, num_quads)
+
+    def codegen(context, builder, signature, args):
+        tables_type, indices_type, signs_type, tile_type, tokens_type, quads_type = signature.args
+        tables_value, indices_value, signs_value, tile_value, tokens_value, quads_value = args
+        index_row = _row_pointer(context, builder, indices_type, indices_value, tile_type, tile_value)
+        sign_row = builder.bitcast(_row_pointer(context, builder, signs_type, signs_value, tile_type, tile_value),
+                                   _I32.as_pointer())
+        table_rows = _row_pointers(context, builder, tables_type, tables_value, tokens_type, tokens_value)
+        num_quads_i64 = context.cast(builder, quads_value, quads_type, types.int64)
+        acc16 = [cgutils.alloca_once_value(builder, ir.Constant(_V32I16, None)) for _ in table_rows]
+        acc32 = [tuple(cgutils.alloca_once_value(builder, ir.Constant(_VEC, None)) for _ in range(2))
+                 for _ in table_rows]
+        limit = ir.Constant(_I64, _TL2_QUADS_PER_FLUSH)
+        num_chunks = builder.udiv(builder.add(num_quads_i64, ir.Constant(_I64, _TL2_QUADS_PER_FLUSH - 1)), limit)
+        with cgutils.for_range(builder, num_chunks) as chunk:
+            first_quad = builder.mul(chunk.index, limit)
+            remaining = builder.sub(num_quads_i64, first_quad)
+            chunk_quads = builder.select(builder.icmp_signed("<", remaining, limit), remaining, limit)
+            with cgutils.for_range(builder, chunk_quads) as step:
+                quad = builder.add(first_quad, step.index)
+                _emit_tl2_quad(builder, index_row, sign_row, table_rows, acc16, quad)
+            for acc, acc32_pair in zip(acc16, acc32, strict=True):
+                _widen_into(builder, acc, acc32_pair)
+        sums = [None] * (32 * len(table_rows))
+        for token, acc32_pair in enumerate(acc32):
+            for half, acc32_half in enumerate(acc32_pair):
+                lanes = builder.load(acc32_half)
+                for lane in range(16):
+                    sums[(16 * half + lane) * len(table_rows) + token] = builder.extract_element(
+                        lanes, ir.Constant(_I32, lane))
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _build_tl2_tables(xq: np.ndarray, in_features: int, num_groups: int) -> np.ndarray:
+    """xq: (T, >= in_features) int8 -> (T, num_groups, 16) int16; entry m of group g = Σ_i w_i(m) · xq[t, 3g + i],
+    with w(m) the pattern m decodes to; inputs past in_features count as zero, entries 14 and 15 are zero."""
+    num_tokens = xq.shape[0]
+    tables = np.empty((num_tokens, num_groups, _TL2_TABLE_ENTRIES), dtype=np.int16)  # (T, num_groups, 16) int16
+    for token in range(num_tokens):
+        for group in range(num_groups):
+            k = 3 * group
+            a0 = np.int16(xq[token, k]) if k < in_features else np.int16(0)
+            a1 = np.int16(xq[token, k + 1]) if k + 1 < in_features else np.int16(0)
+            a2 = np.int16(xq[token, k + 2]) if k + 2 < in_features else np.int16(0)
+            # A fixed 16-entry loop over constant weights: LLVM turns it into a few 256-bit multiply-adds.
+            for entry in range(_TL2_TABLE_ENTRIES):
+                tables[token, group, entry] = (a0 * _TL2_PATTERN_WEIGHTS[0, entry] + a1 * _TL2_PATTERN_WEIGHTS[1, entry]
+                                               + a2 * _TL2_PATTERN_WEIGHTS[2, entry])
+    return tables
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_ternary_tl2_avx512(tables: np.ndarray, indices: np.ndarray, signs: np.ndarray, num_rows: int) -> np.ndarray:
+    num_tokens = tables.shape[0]
+    num_quads = indices.shape[1]
+    out = np.empty((num_tokens, num_rows), dtype=np.int32)  # (num_tokens, num_rows) int32
+    for tile in prange(signs.shape[0]):
+        num_valid_rows = min(TL2_TILE_ROWS, num_rows - tile * TL2_TILE_ROWS)
+        token = 0
+        while token + _TOKENS_PER_TILE <= num_tokens:
+            sums4 = _tl2_tile(tables, indices, signs, tile, (token, token + 1, token + 2, token + 3), num_quads)
+            for r in range(num_valid_rows):
+                for t in range(_TOKENS_PER_TILE):
+                    out[token + t, tile * TL2_TILE_ROWS + r] = sums4[_TOKENS_PER_TILE * r + t]
+            token += _TOKENS_PER_TILE
+        while token < num_tokens:
+            sums1 = _tl2_tile(tables, indices, signs, tile, (token,), num_quads)
+            for r in range(num_valid_rows):
+                out[token, tile * TL2_TILE_ROWS + r] = sums1[r]
+            token += 1
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_ternary_tl2_portable(tables: np.ndarray, indices: np.ndarray, signs: np.ndarray,
+                                 num_rows: int) -> np.ndarray:
+    num_tokens = tables.shape[0]
+    num_groups = signs.shape[1]
+    out = np.empty((num_tokens, num_rows), dtype=np.int32)  # (num_tokens, num_rows) int32
+    for tile in prange(signs.shape[0]):
+        for token in range(num_tokens):
+            for r in range(min(TL2_TILE_ROWS, num_rows - tile * TL2_TILE_ROWS)):
+                total = np.int32(0)
+                for group in range(num_groups):
+                    index = (indices[tile, group // 4, r] >> (4 * (group % 4))) & 15
+                    value = np.int32(tables[token, group, index])
+                    negative = np.int32((signs[tile, group] >> r) & 1)
+                    total = np.int32(total + ((value ^ -negative) + negative))  # -value when the sign bit is set
+                out[token, tile * TL2_TILE_ROWS + r] = total
+    return out
+
+
 @njit(cache=True, nogil=True)
 def _quantize_activations(x: np.ndarray, padded_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num_tokens, in_features = x.shape
@@ -462,8 +658,79 @@ def matmul_ternary_blockscaled(xq: np.ndarray, codes: np.ndarray, block_scales: 
     return _MATMUL_TERNARY_BLOCKSCALED(xq, codes, block_scales)
 
 
+def tl2_num_groups(in_features: int) -> int:
+    """Groups of three weights covering in_features, rounded up to whole quads (four groups share an index word)."""
+    return -(-in_features // 12) * 4
+
+
+def pack_ternary_tl2(ternary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ternary: (N, K) int8 in {-1, 0, 1} -> indices (num_tiles, num_groups // 4, 32) uint16, signs (num_tiles,
+    num_groups) uint32, with num_tiles = ceil(N / 32) and num_groups = tl2_num_groups(K): 1.67 bits per weight.
+
+    Word r of a quad holds row r's indices of groups 4q..4q+3 in nibbles 0..3; bit r of a group's sign word is row r.
+    Padding rows and weights are zero (index 13, sign 0).
+    """
+    if ternary.ndim != 2 or ternary.dtype != np.int8:
+        raise ValueError(f"pack_ternary_tl2: expected a 2-D int8 array, got {ternary.ndim}-D {ternary.dtype}")
+    if ternary.size and (ternary.min() < -1 or ternary.max() > 1):
+        raise ValueError(f"pack_ternary_tl2: values must be in {{-1, 0, 1}}, found [{ternary.min()}, {ternary.max()}]")
+    num_rows, in_features = ternary.shape
+    num_groups = tl2_num_groups(in_features)
+    num_tiles = -(-num_rows // TL2_TILE_ROWS)
+    padded = np.zeros((num_tiles * TL2_TILE_ROWS, 3 * num_groups), dtype=np.int64)  # (rows, 3 · num_groups) int64
+    padded[:num_rows, :in_features] = ternary
+    patterns = (padded.reshape(-1, num_groups, 3) + 1) @ np.array([9, 3, 1])  # (rows, num_groups) int64 in 0..26
+    by_tile = patterns.reshape(num_tiles, TL2_TILE_ROWS, num_groups).transpose(0, 2, 1)  # (tiles, groups, 32) int64
+    negative = by_tile > 13
+    index = np.where(negative, 26 - by_tile, by_tile).astype(np.uint16)  # (tiles, groups, 32) uint16 in 0..13
+    by_quad = index.reshape(num_tiles, num_groups // 4, 4, TL2_TILE_ROWS)  # (tiles, quads, 4, 32) uint16
+    indices = by_quad[:, :, 0] | (by_quad[:, :, 1] << 4) | (by_quad[:, :, 2] << 8) | (by_quad[:, :, 3] << 12)
+    bits = negative.astype(np.uint32) << np.arange(TL2_TILE_ROWS, dtype=np.uint32)
+    signs = np.bitwise_or.reduce(bits, axis=2)  # (tiles, groups) uint32
+    return np.ascontiguousarray(indices), np.ascontiguousarray(signs)
+
+
+def unpack_ternary_tl2(indices: np.ndarray, signs: np.ndarray, num_rows: int, in_features: int) -> np.ndarray:
+    """Inverse of pack_ternary_tl2 -> (num_rows, in_features) int8 (reference and tests)."""
+    shifts = np.array([0, 4, 8, 12], dtype=np.uint16).reshape(1, 1, 4, 1)
+    index = ((indices[:, :, None, :] >> shifts) & 15).astype(np.int64).reshape(indices.shape[0], -1, TL2_TILE_ROWS)
+    negative = (signs[:, :, None] >> np.arange(TL2_TILE_ROWS, dtype=np.uint32)) & 1  # (tiles, groups, 32) uint32
+    patterns = np.where(negative == 1, 26 - index, index).transpose(0, 2, 1)  # (tiles, 32, groups) int64
+    weights = np.stack([patterns // 9, (patterns // 3) % 3, patterns % 3], axis=-1) - 1  # (tiles, 32, groups, 3)
+    return weights.reshape(-1, 3 * signs.shape[1])[:num_rows, :in_features].astype(np.int8)
+
+
+def build_tl2_tables(xq: np.ndarray, in_features: int) -> np.ndarray:
+    """xq: (T, >= in_features) int8, C-contiguous -> (T, tl2_num_groups(in_features), 16) int16 partial-sum tables,
+    built once per call and shared by every output row."""
+    if xq.ndim != 2 or xq.dtype != np.int8 or not xq.flags.c_contiguous or xq.shape[1] < in_features:
+        raise ValueError(f"build_tl2_tables: xq must be C-contiguous (T, >= {in_features}) int8, got {xq.shape} "
+                         f"{xq.dtype}")
+    return _build_tl2_tables(xq, in_features, tl2_num_groups(in_features))
+
+
+def matmul_ternary_tl2(tables: np.ndarray, indices: np.ndarray, signs: np.ndarray, num_rows: int) -> np.ndarray:
+    """Exact Σ_k T[n, k] · xq[t, k] from TL2 tables and packed weights -> (T, num_rows) int32."""
+    num_groups = signs.shape[1] if signs.ndim == 2 else -1
+    if tables.ndim != 3 or tables.dtype != np.int16 or tables.shape[1:] != (num_groups, _TL2_TABLE_ENTRIES):
+        raise ValueError(f"matmul_ternary_tl2: tables must be (T, {num_groups}, 16) int16, got {tables.shape} "
+                         f"{tables.dtype}")
+    if indices.dtype != np.uint16 or indices.shape != (signs.shape[0], num_groups // 4, TL2_TILE_ROWS) \
+            or signs.dtype != np.uint32:
+        raise ValueError(f"matmul_ternary_tl2: indices (tiles, groups / 4, 32) uint16 and signs (tiles, groups) uint32 "
+                         f"expected, got {indices.shape} {indices.dtype} and {signs.shape} {signs.dtype}")
+    if num_groups % 4 or not -TL2_TILE_ROWS < num_rows - TL2_TILE_ROWS * signs.shape[0] <= 0:
+        raise ValueError(f"matmul_ternary_tl2: num_rows={num_rows} and {num_groups} groups do not fit the packing")
+    if not (tables.flags.c_contiguous and indices.flags.c_contiguous and signs.flags.c_contiguous):
+        raise ValueError("matmul_ternary_tl2: tables, indices and signs must be C-contiguous")
+    return _MATMUL_TERNARY_TL2(tables, indices, signs, num_rows)
+
+
 def _select_kernel_path() -> str:
-    """'avx512_vnni' when the CPU and JIT target allow it, unless BITSERVE_KERNELS=portable forces the fallback."""
+    """'avx512_vnni' when the CPU and JIT target allow it, unless BITSERVE_KERNELS=portable forces the fallback.
+
+    TL2 needs only AVX-512 F and BW (vpermw), which every VNNI CPU has; it follows the same choice.
+    """
     requested = os.environ.get("BITSERVE_KERNELS", "auto")
     if requested not in ("auto", "portable"):
         raise ValueError(f"BITSERVE_KERNELS={requested!r}: expected 'auto' or 'portable'")
@@ -473,6 +740,7 @@ def _select_kernel_path() -> str:
 
 
 KERNEL_PATH = _select_kernel_path()
+_MATMUL_TERNARY_TL2 = _matmul_ternary_tl2_avx512 if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_tl2_portable
 _MATMUL_TERNARY = _matmul_ternary_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_portable
 _MATMUL_TERNARY_BLOCKSCALED = (
     _matmul_ternary_blockscaled_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_blockscaled_portable

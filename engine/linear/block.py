@@ -86,7 +86,11 @@ class BlockQuantLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: (num_tokens, in_features) float32, C-contiguous -> (num_tokens, out_features) float32."""
-        return self.matmul_quantized(*blockq.quantize_q8_blocks(x))
+        if self.ggml_type == GGMLType.Q4_0:
+            return blockq.quantize_matmul_q4_0(x, self.wq, self.wd)
+        if self.ggml_type == GGMLType.Q4_1:
+            return blockq.quantize_matmul_q4_1(x, self.wq, self.wd, self.wm)
+        return blockq.quantize_matmul_q8_0(x, self.wq, self.wd)
 
     def matmul_quantized(self, xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray) -> np.ndarray:
         """The same product from activations already quantized by blockq.quantize_q8_blocks, so layers reading the

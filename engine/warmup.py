@@ -1,0 +1,41 @@
+"""`python -m engine.warmup`: compile every kernel into NUMBA_CACHE_DIR ahead of time (image build, CI set-up),
+so no server start and no request pays for JIT."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from engine.config import ModelArgs
+from engine.formats.ggml import GGMLType
+from engine.loaded_model import LoadedModel
+from engine.random_model import random_model
+from engine.weights import ModelWeights
+
+# Small shapes that still take every kernel path: in_features past one 256-weight block, GQA, several tokens.
+_WARMUP_ARGS = ModelArgs(architecture="bitnet", hidden_size=320, num_layers=1, num_heads=4, num_kv_heads=2,
+                         intermediate_size=640, vocab_size=256, max_position_embeddings=64, hidden_act="relu2")
+
+
+def warmup_weights() -> list[ModelWeights]:
+    """One tiny model per weight layout the loaders produce."""
+    llama_args = ModelArgs(**{**_WARMUP_ARGS.__dict__, "architecture": "llama", "hidden_act": "silu"})
+    return [
+        random_model(_WARMUP_ARGS, head_type=GGMLType.F32),
+        random_model(_WARMUP_ARGS, head_type=GGMLType.Q8_0),
+        *(random_model(llama_args, linear_type=kind, head_type=kind)
+          for kind in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.F32)),
+    ]
+
+
+def main() -> int:
+    start = time.monotonic()
+    for weights in warmup_weights():
+        # A 5-token prefill (GEMM paths) then single-token decodes (GEMV paths).
+        LoadedModel(weights, tokenizer=None).generate([1, 2, 3, 4, 5], max_new_tokens=3)
+    print(f"kernels compiled and cached in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
