@@ -56,7 +56,7 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None,
             has_tokenizer = (path / "tokenizer.json").is_file()
             tokenizer = Tokenizer.from_hf_dir(path) if has_tokenizer else None
         else:
-            args, weights, gguf = load_gguf(path, report)
+            _, weights, gguf = load_gguf(path, report)
             tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, str(path))
     finally:
         if bar:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from engine.engine import StepStats
@@ -59,10 +61,8 @@ class Metrics:
         """Drop an unloaded model's gauges (its counters and histograms keep their history)."""
         for gauge in (self.model_weight_bytes, self.kv_cache_bytes, self.num_requests_running,
                       self.num_requests_waiting, self.kv_cache_usage):
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(model_id)
-            except KeyError:
-                pass
 
     def observe_step(self, model_id: str, stats: StepStats) -> None:
         """Called on the engine thread after every step; prometheus_client objects are thread-safe."""

@@ -117,7 +117,7 @@ def test_failing_step_fails_only_its_requests(model: LoadedModel, monkeypatch: p
     original = model.transformer.forward
     calls = {"n": 0}
 
-    def flaky(batch, cache):  # noqa: ANN001, ANN202 - same signature as Transformer.forward
+    def flaky(batch, cache):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected fault")
@@ -138,7 +138,7 @@ def test_logits_rows_are_batch_invariant(model: LoadedModel) -> None:
     captured: list[np.ndarray] = []
     original = model.transformer.forward
 
-    def capture(batch, cache):  # noqa: ANN001, ANN202
+    def capture(batch, cache):
         logits = original(batch, cache)
         captured.append(logits.copy())
         return logits

@@ -16,7 +16,6 @@ from engine.formats.errors import ModelFormatError
 from engine.formats.hf_model import unpack_hf_ternary
 from engine.formats.safetensors_file import read_safetensors
 
-
 _DTYPE_NAMES = {"|u1": "U8", "<f4": "F32"}
 
 
@@ -64,7 +63,7 @@ def test_unsupported_architecture(model_c: Path) -> None:
 
 
 def test_missing_config(tmp_path: Path) -> None:
-    with pytest.raises(ModelFormatError, match="no config.json"):
+    with pytest.raises(ModelFormatError, match=r"no config\.json"):
         load_model(tmp_path)
 
 
@@ -88,7 +87,7 @@ def test_bad_scale(model_c: Path) -> None:
         tensors["model.layers.0.mlp.down_proj.weight_scale"] = np.zeros(1, dtype=np.float32)
 
     _rewrite(model_c, zero_scale)
-    with pytest.raises(ModelFormatError, match="down_proj.weight_scale.*finite and positive"):
+    with pytest.raises(ModelFormatError, match=r"down_proj\.weight_scale.*finite and positive"):
         load_model(model_c)
 
 
@@ -101,5 +100,5 @@ def test_truncated_file(model_c: Path) -> None:
 
 def test_garbage_header(model_c: Path) -> None:
     (model_c / "model.safetensors").write_bytes(b"GGUF" + b"\x00" * 64)
-    with pytest.raises(ModelFormatError, match="model.safetensors: header length"):
+    with pytest.raises(ModelFormatError, match=r"model\.safetensors: header length"):
         load_model(model_c)

@@ -194,8 +194,9 @@ def test_unknown_model_404_invalid_utf8_and_huge_body(server: ServerProcess, cli
     bad_utf8 = httpx.post(f"{server.base_url}/v1/chat/completions", content=b'{"model": "default", "messages": "\xff"}',
                           headers={"content-type": "application/json"})
     assert bad_utf8.status_code == 400
-    huge = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30, headers={"content-type": "application/json"},
-                      content=json.dumps({"model": "default", "messages": [{"role": "user", "content": "x" * 10**7}]}))
+    ten_megabytes = json.dumps({"model": "default", "messages": [{"role": "user", "content": "x" * 10**7}]})
+    huge = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30, content=ten_megabytes,
+                      headers={"content-type": "application/json"})
     assert huge.status_code == 413
     assert _chat(client, max_tokens=2).choices[0].message.content  # still serving
 

@@ -94,7 +94,8 @@ def load_hf(model_dir: str | Path, progress: Callable[[int, int], None] | None =
     args = model_args_from_hf(config, model_dir / "config.json")
     quant = config.get("quantization_config") or {}
     if args.architecture == "bitnet" and quant.get("quant_method", "bitnet") != "bitnet":
-        raise ModelFormatError(model_dir / "config.json", f"quant_method {quant.get('quant_method')!r}; expected 'bitnet'")
+        raise ModelFormatError(model_dir / "config.json",
+                               f"quant_method {quant.get('quant_method')!r}; expected 'bitnet'")
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(model_dir, "no *.safetensors weights file")

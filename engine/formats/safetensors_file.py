@@ -82,8 +82,8 @@ def _tensor_view(path: Path, name: str, info: object, raw: np.ndarray | None, da
     dtype = _DTYPES[dtype_name]
     expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if end - begin != expected_bytes:
-        raise ModelFormatError(path, f"{end - begin} bytes stored, shape {list(shape)} {dtype_name} needs {expected_bytes}",
-                               name)
+        raise ModelFormatError(
+            path, f"{end - begin} bytes stored, shape {list(shape)} {dtype_name} needs {expected_bytes}", name)
     if not 0 <= begin <= end <= data_bytes:
         raise ModelFormatError(path, f"data [{begin}, {end}) lies past the end of the file (truncated?)", name)
     data = raw[begin:end].view(dtype).reshape(shape) if raw is not None else np.zeros(shape, dtype)

@@ -121,13 +121,15 @@ def _emit_gemv_sums(builder: ir.IRBuilder, code_rows: list, row_stride_bytes: ir
     return sums
 
 
-def _emit_block_products(builder: ir.IRBuilder, code_rows: list, act_rows: list, block: ir.Value) -> list:
-    """Lane partial sums of Σ c·q over one block for every (row, token) pair, row-major, as fresh SSA vectors."""
+def _emit_block_products(builder: ir.IRBuilder, code_rows: list, act_rows: list, block: ir.Value,
+                         initial: list | None = None) -> list:
+    """initial (zero if None) plus the lane partial sums of Σ c·q over one block, for every (row, token) pair,
+    row-major. Codes are extracted once per row and reused across tokens."""
     mask = _splat(0x03030303)
     code_offset = builder.mul(block, ir.Constant(_I64, BLOCK_BYTES))
     act_offset = builder.mul(block, ir.Constant(_I64, BLOCK_WEIGHTS))
     packed = [_load_vec(builder, code_row, code_offset) for code_row in code_rows]
-    lanes = [ir.Constant(_VEC, None)] * (len(code_rows) * len(act_rows))
+    lanes = list(initial) if initial else [ir.Constant(_VEC, None)] * (len(code_rows) * len(act_rows))
     for pair in range(4):
         pair_offset = builder.add(act_offset, ir.Constant(_I64, 64 * pair))
         acts = [_load_vec(builder, act_row, pair_offset) for act_row in act_rows]
@@ -140,12 +142,12 @@ def _emit_block_products(builder: ir.IRBuilder, code_rows: list, act_rows: list,
 
 
 def _emit_gemm_sums(builder: ir.IRBuilder, code_rows: list, act_rows: list, num_blocks: ir.Value) -> list:
-    """Σ c·q for every (row, token) pair, row-major; codes are extracted once per block and reused across tokens."""
+    """Σ c·q for every (row, token) pair, row-major."""
     accs = [cgutils.alloca_once_value(builder, ir.Constant(_VEC, None)) for _ in range(len(code_rows) * len(act_rows))]
     with cgutils.for_range(builder, num_blocks) as loop:
-        lanes = _emit_block_products(builder, code_rows, act_rows, loop.index)
+        lanes = _emit_block_products(builder, code_rows, act_rows, loop.index, [builder.load(acc) for acc in accs])
         for acc, block_lanes in zip(accs, lanes, strict=True):
-            builder.store(builder.add(builder.load(acc), block_lanes), acc)
+            builder.store(block_lanes, acc)
     return [_reduce_add(builder, builder.load(acc)) for acc in accs]
 
 

@@ -11,15 +11,15 @@ from fastapi.responses import StreamingResponse
 from server import protocol
 from server.errors import APIError
 from server.generation import EngineFailure, api_finish_reason, chat_logprobs, collect, stream_outputs
-from server.routes.common import AppState, admit, app_state, default_max_tokens, require_api_key, resolve_model
 from server.registry import ServedModel
+from server.routes.common import AppState, admit, app_state, default_max_tokens, require_api_key, resolve_model
 from server.streaming import RequestGroup, sse_event
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.post("/v1/chat/completions", response_model=protocol.ChatCompletion)
-async def chat_completions(body: protocol.ChatCompletionRequest, http_request: Request):  # noqa: ANN201
+async def chat_completions(body: protocol.ChatCompletionRequest, http_request: Request):
     state = app_state(http_request)
     served = resolve_model(state, body.model)
     try:

@@ -19,7 +19,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.post("/v1/completions", response_model=protocol.Completion)
-async def completions(body: protocol.CompletionRequest, http_request: Request):  # noqa: ANN201 - JSON or SSE
+async def completions(body: protocol.CompletionRequest, http_request: Request):
     state = app_state(http_request)
     served = resolve_model(state, body.model)
     tokenizer = served.model.tokenizer
