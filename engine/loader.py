@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.formats.errors import ModelFormatError
 from engine.formats.gguf_model import load_gguf
 from engine.formats.hf_model import load_hf
+from engine.linear.head import with_precise_head
 from engine.loaded_model import LoadedModel
 from engine.tokenizer import Tokenizer
 
@@ -61,6 +62,7 @@ def load_model(path: str | Path, tokenizer_path: str | Path | None = None,
     finally:
         if bar:
             bar.close()
+    weights = with_precise_head(weights)
     if tokenizer_path is not None:
         tokenizer_path = Path(tokenizer_path)
         tokenizer = Tokenizer.from_hf_dir(tokenizer_path if tokenizer_path.is_dir() else tokenizer_path.parent)

@@ -8,6 +8,7 @@ import time
 
 from engine.config import ModelArgs
 from engine.formats.ggml import GGMLType
+from engine.linear.head import with_precise_head
 from engine.loaded_model import LoadedModel
 from engine.random_model import random_model
 from engine.weights import ModelWeights
@@ -32,7 +33,7 @@ def main() -> int:
     start = time.monotonic()
     for weights in warmup_weights():
         # A 5-token prefill (GEMM paths) then single-token decodes (GEMV paths).
-        LoadedModel(weights, tokenizer=None).generate([1, 2, 3, 4, 5], max_new_tokens=3)
+        LoadedModel(with_precise_head(weights), tokenizer=None).generate([1, 2, 3, 4, 5], max_new_tokens=3)
     print(f"kernels compiled and cached in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 0
 

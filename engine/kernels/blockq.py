@@ -290,6 +290,7 @@ _BYTES = ir.VectorType(_I8, 64)
 _INTS = ir.VectorType(_I32, 16)
 _FLOATS = ir.VectorType(ir.FloatType(), 16)
 _MANGLED = {str(_BYTES): "v64i8", str(_FLOATS): "v16f32"}
+_PREFETCH_ROWS = int(os.environ.get("PF_ROWS", "4"))
 _TOKENS_PER_TILE = 4  # tokens computed together: each loaded and unpacked weight vector serves four tokens
 
 
@@ -332,6 +333,13 @@ def _load(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value, vec_type
     return builder.call(fn, [pointer, ir.Constant(_I32, 1), mask, ir.Constant(vec_type, None)])
 
 
+def _prefetch(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value) -> None:
+    """Ask for a cache line of a later row now (prefetches never fault, so rows past the end are harmless)."""
+    fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [builder.gep(base, [byte_offset]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
 def _vpdpbusd(builder: ir.IRBuilder, acc: ir.Value, unsigned_bytes: ir.Value, signed_bytes: ir.Value) -> ir.Value:
     """acc + Σ over each int32 lane's 4 bytes of unsigned × signed products (exact, no saturation)."""
     fn = cgutils.get_or_insert_function(
@@ -365,6 +373,8 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, weight_rows: dict, token_rows: l
             valid_bytes = builder.sub(builder.mul(tail, _const(bytes_per_block)), _const(64 * load))
             mask = _prefix_mask(builder, valid_bytes, 64)
         weights = _load(builder, weight_rows["wq"], builder.add(weight_offset, _const(64 * load)), _BYTES, mask)
+        if _PREFETCH_ROWS:
+            _prefetch(builder, weight_rows["wq_ahead"], builder.add(weight_offset, _const(64 * load)))
         if fmt == _FMT_Q8_0:
             unsigned_weights.append((builder.xor(weights, _splat_bytes(0x80)),))
         else:
@@ -373,6 +383,10 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, weight_rows: dict, token_rows: l
     scale_offset = builder.mul(block0, _const(4))
     float_mask = None if tail is None else _prefix_mask(builder, tail, 16)
     weight_scales = _load(builder, weight_rows["wd"], scale_offset, _FLOATS, float_mask)
+    if _PREFETCH_ROWS:
+        _prefetch(builder, weight_rows["wd_ahead"], scale_offset)
+        if fmt == _FMT_Q4_1:
+            _prefetch(builder, weight_rows["wm_ahead"], scale_offset)
     if fmt == _FMT_Q4_1:
         weight_mins = _load(builder, weight_rows["wm"], scale_offset, _FLOATS, float_mask)
     zero = ir.Constant(_INTS, None)
@@ -415,8 +429,10 @@ def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int) -> ir.Va
     """Outputs (row, tokens[i]) of the lane-ordered block sum, returned as a tuple of float32."""
     row = context.cast(builder, args[3], sig.args[3], types.int64)
     weight_rows = {}
+    row_ahead = builder.add(row, _const(_PREFETCH_ROWS))
     for name, position in (("wq", 0), ("wd", 1), ("wm", 2)):
         weight_rows[name], num_cols = _row_pointer(context, builder, sig.args[position], args[position], row)
+        weight_rows[name + "_ahead"], _ = _row_pointer(context, builder, sig.args[position], args[position], row_ahead)
     num_blocks = num_cols  # the last one read is wm, of shape (N, K // 32)
     tokens_type = sig.args[8]
     token_rows = []

@@ -1,5 +1,6 @@
-"""BitNet b1.58 (W1.58A8) kernels: 2-bit ternary packing, per-token int8 activation quantization and exact integer
-matmuls, with an AVX-512 VNNI path (llvmlite IR) and a portable Numba path. Arrays in, arrays out: no model knowledge.
+"""BitNet b1.58 (W1.58A8) kernels: ternary packing (2-bit, and TL2 lookup tables at 1.67 bits), per-token int8
+activation quantization and exact integer matmuls, each with an AVX-512 path (llvmlite IR) and a portable Numba path.
+Arrays in, arrays out: no model knowledge, no imports beyond numpy, numba and llvmlite.
 """
 
 from __future__ import annotations
