@@ -1,0 +1,149 @@
+"""End-to-end decode and prefill speed: tokens/s, weight bytes read per token, RSS, and the split between time in
+kernels and time in the Python interpreter. Baselines measured in the same run: the DRAM read bandwidth (so each
+speed is also a fraction of its memory-bound floor). Run from the repository root: `python -m bench.e2e --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".numba_cache"))
+
+import numpy as np
+
+import engine.model as model_module
+from bench.kernels import measure_read_bandwidth_gbs
+from engine import load_model
+from engine.default_model import pull_default_model
+from engine.formats.ggml import GGMLType
+from engine.linear.head import with_precise_head
+from engine.loaded_model import LoadedModel
+from engine.random_model import BITNET_2B4T_ARGS, random_model
+from engine.runtime import configure_threads
+from engine.weights import ModelWeights
+
+# Peers from PEERS.md, 2 threads, same machine type: (decode tok/s, prefill tok/s at 128 tokens).
+PEERS = {
+    "bitnet-2b4t-random": {"llama.cpp TQ2_0": (27.97, 54.10), "bitnet.cpp I2_S (Jan 2026)": (27.1, 97.7)},
+    "smollm2-135m-q4_1": {"llama.cpp Q4_1": (126.1, 354.4)},
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def weight_bytes_per_token(weights: ModelWeights) -> int:
+    """Bytes of weights a decode step reads: every layer's matrices and the output head (not the embedding rows)."""
+    per_layer = sum(linear.num_bytes for layer in weights.layers for linear in (
+        layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj))
+    return per_layer + weights.lm_head.num_bytes
+
+
+class KernelClock:
+    """Adds up the wall time spent inside kernel calls (every Linear and the attention kernels) while active."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, function: Callable) -> Callable:
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+    @contextmanager
+    def measuring(self, weights: ModelWeights) -> Iterator[KernelClock]:
+        linears = {weights.lm_head}
+        for layer in weights.layers:
+            linears |= {layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj,
+                        layer.down_proj}
+        originals = {cls: cls.__call__ for cls in {type(linear) for linear in linears}}
+        for cls, call in originals.items():
+            cls.__call__ = self.wrap(call)
+        attention_kernels = model_module.paged_attention, model_module.write_kv
+        model_module.paged_attention = self.wrap(model_module.paged_attention)
+        model_module.write_kv = self.wrap(model_module.write_kv)
+        try:
+            yield self
+        finally:
+            for cls, call in originals.items():
+                cls.__call__ = call
+            model_module.paged_attention, model_module.write_kv = attention_kernels
+
+
+def measure(model: LoadedModel, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, model.args.vocab_size, size=prompt_tokens)
+    model.generate(prompt[:8], max_new_tokens=2)  # warm every kernel shape
+    prefill_s = min(_timed(lambda: model.logits(prompt)) for _ in range(repeats))
+    # Decode: the time per generated token after the prompt, prompt time subtracted.
+    total_s = min(_timed(lambda: model.generate(prompt, max_new_tokens=decode_tokens + 1)) for _ in range(repeats))
+    first_s = min(_timed(lambda: model.generate(prompt, max_new_tokens=1)) for _ in range(repeats))
+    decode_s = (total_s - first_s) / decode_tokens
+    clock = KernelClock()
+    with clock.measuring(model.weights):
+        step_s = _timed(lambda: model.generate(prompt, max_new_tokens=decode_tokens + 1))
+        kernel_s = clock.seconds
+        clock.seconds = 0.0
+        first_step_s = _timed(lambda: model.generate(prompt, max_new_tokens=1))
+        kernel_s = (kernel_s - clock.seconds) / decode_tokens
+        step_s = (step_s - first_step_s) / decode_tokens
+    return {"prefill_tok_s": prompt_tokens / prefill_s, "decode_tok_s": 1.0 / decode_s,
+            "kernel_fraction": kernel_s / step_s, "interpreter_ms": (step_s - kernel_s) * 1e3}
+
+
+def _timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m-q4_1", "bitnet-2b4t-random"],
+                        choices=list(PEERS))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--head", choices=["q8_0", "f32"], default="q8_0", help="output head of the random BitNet")
+    args = parser.parse_args()
+    threads = configure_threads(args.threads)
+    bandwidth_gbs = measure_read_bandwidth_gbs()
+    print(f"threads={threads}  DRAM read bandwidth (same run) = {bandwidth_gbs:.1f} GB/s")
+    for name in args.models:
+        rss_before = rss_bytes()
+        if name == "smollm2-135m-q4_1":
+            model = load_model(pull_default_model())
+        else:
+            head = GGMLType.Q8_0 if args.head == "q8_0" else GGMLType.F32
+            model = LoadedModel(with_precise_head(random_model(BITNET_2B4T_ARGS, seed=0, head_type=head)), None)
+        result = measure(model, args.prompt_tokens, args.decode_tokens, args.repeats)
+        bytes_per_token = weight_bytes_per_token(model.weights)
+        floor_tok_s = bandwidth_gbs * 1e9 / bytes_per_token
+        print(f"\n{name}: {bytes_per_token / 1e6:.1f} MB of weights read per token, "
+              f"RSS +{(rss_bytes() - rss_before) / 1e6:.0f} MB")
+        print(f"  decode  {result['decode_tok_s']:7.1f} tok/s  = {result['decode_tok_s'] / floor_tok_s:.2f}x the "
+              f"bandwidth floor ({floor_tok_s:.0f} tok/s), {bytes_per_token * result['decode_tok_s'] / 1e9:.1f} GB/s")
+        print(f"  prefill {result['prefill_tok_s']:7.1f} tok/s  ({args.prompt_tokens}-token prompt)")
+        print(f"  decode step: {100 * result['kernel_fraction']:.0f}% in kernels, "
+              f"{result['interpreter_ms']:.2f} ms/token in the interpreter")
+        for peer, (decode, prefill) in PEERS[name].items():
+            print(f"  vs {peer}: decode {result['decode_tok_s'] / decode:.2f}x, prefill "
+                  f"{result['prefill_tok_s'] / prefill:.2f}x (PEERS.md figures)")
+        del model
+
+
+if __name__ == "__main__":
+    main()
