@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from engine import load_model
 from engine.formats.errors import ModelFormatError
 from engine.formats.hf_model import unpack_hf_ternary
-from engine.formats.safetensors_file import read_safetensors
+from engine.formats.safetensors_file import read_safetensors, write_safetensors
 
 _DTYPE_NAMES = {"|u1": "U8", "<f4": "F32"}
 
@@ -32,15 +31,8 @@ def _rewrite(model_dir: Path, edit: Callable[[dict[str, np.ndarray]], object]) -
     stored = read_safetensors(path)
     tensors = {name: np.array(t.data) for name, t in stored.items()}
     edit(tensors)
-    header, offset, blobs = {}, 0, []
-    for name, array in tensors.items():
-        dtype = stored[name].dtype if name in stored and array.dtype == np.uint16 else _DTYPE_NAMES[array.dtype.str]
-        blob = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    header_bytes = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs))
+    write_safetensors(path, {name: (stored[name].dtype if name in stored and array.dtype == np.uint16
+                                    else _DTYPE_NAMES[array.dtype.str], array) for name, array in tensors.items()})
 
 
 def test_unpack_matches_documented_layout() -> None:

@@ -88,3 +88,27 @@ def _tensor_view(path: Path, name: str, info: object, raw: np.ndarray | None, da
         raise ModelFormatError(path, f"data [{begin}, {end}) lies past the end of the file (truncated?)", name)
     data = raw[begin:end].view(dtype).reshape(shape) if raw is not None else np.zeros(shape, dtype)
     return SafeTensor(name, dtype_name, shape, data)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
+    """Write `name -> (safetensors dtype name, array in that dtype's storage type)`; bf16 arrays are uint16 bits."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, (dtype_name, array) in tensors.items():
+        if _DTYPES[dtype_name] != array.dtype:
+            raise ValueError(f"{name}: {dtype_name} is stored as {_DTYPES[dtype_name]}, got {array.dtype}")
+        header[name] = {"dtype": dtype_name, "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    header_bytes = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for _, array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bit patterns (uint16), rounded to nearest even as torch does."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
