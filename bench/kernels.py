@@ -47,7 +47,7 @@ def _sum_int64(values: np.ndarray) -> int:
 
 
 def measure_read_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
-    """Best of three sums over a num_bytes array on all threads (the array is far larger than any cache)."""
+    """Best of three sums over a num_bytes array on Numba's threads (the array is far larger than any cache)."""
     values = np.ones(num_bytes // 8, dtype=np.int64)  # (num_bytes // 8,) int64
     _sum_int64(values[:64])
     best_s = math.inf
@@ -103,13 +103,19 @@ def main() -> None:
     parser.add_argument("--cold-bytes", type=int, default=0,
                         help="rotate over copies of the codes totalling this many bytes, so weights come from DRAM")
     parser.add_argument("--skip-bandwidth", action="store_true", help="do not measure DRAM bandwidth (saves ~1 s)")
+    parser.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
+                        help="Numba threads for the kernels and the bandwidth sum (default: all cores)")
     args = parser.parse_args()
+    numba.set_num_threads(args.threads)
     paths = [ternary.KERNEL_PATH] if args.paths == "auto" else args.paths.split(",")
 
     rng = np.random.default_rng(0)
     bandwidth_gbs = math.nan if args.skip_bandwidth else measure_read_bandwidth_gbs()
-    print(f"kernel path selected at import: {ternary.KERNEL_PATH}; threads: {numba.get_num_threads()}; "
-          f"DRAM read bandwidth (1 GiB int64 sum, all threads): {bandwidth_gbs:.1f} GB/s")
+    blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "all cores (set OPENBLAS_NUM_THREADS to match --threads)")
+    print(f"kernel path selected at import: {ternary.KERNEL_PATH}; Numba threads: {numba.get_num_threads()}; "
+          f"numpy BLAS threads: {blas_threads}\n"
+          f"DRAM read bandwidth (1 GiB int64 sum, Numba threads): {bandwidth_gbs:.1f} GB/s; weights are cache-resident "
+          f"unless --cold-bytes rotates copies, so %DRAM may exceed 100")
     print(f"{'shape NxK':>11} {'batch':>5} {'path':>12} {'ms/call':>9} {'best ms':>9} {'G w/s':>7} {'GMAC/s':>7} "
           f"{'GB/s':>6} {'%DRAM':>6} {'numpy ms':>9} {'x numpy':>8}")
     batch1_ms: dict[tuple[str, tuple[int, int]], float] = {}

@@ -429,10 +429,16 @@ def _widen_into(builder: ir.IRBuilder, acc16: ir.Value, acc32_pair: tuple) -> No
     builder.store(ir.Constant(_V32I16, None), acc16)
 
 
-def _emit_tl2_quad(builder: ir.IRBuilder, index_row, sign_row, table_rows: list, acc16: list, quad: ir.Value) -> None:
-    """Adds the four groups of one quad into every token's int16 row accumulators."""
-    words = _load_vec(builder, index_row, builder.mul(quad, ir.Constant(_I64, 64)))
-    words = builder.bitcast(words, _V32I16)
+def _emit_tl2_quad(builder: ir.IRBuilder, index_row, sign_row, table_rows: list, acc16: list, quad: ir.Value,
+                   prefetch_strides_bytes: tuple) -> None:
+    """Adds the four groups of one quad into every token's int16 row accumulators, prefetching the next tile's
+    indices and signs at the same position (as the 2-bit GEMV does with its next rows)."""
+    index_offset = builder.mul(quad, ir.Constant(_I64, 64))
+    index_stride_bytes, sign_stride_bytes = prefetch_strides_bytes
+    _prefetch(builder, index_row, builder.add(index_offset, index_stride_bytes))
+    sign_offset = builder.mul(quad, ir.Constant(_I64, 16))
+    _prefetch(builder, builder.bitcast(sign_row, _I8.as_pointer()), builder.add(sign_offset, sign_stride_bytes))
+    words = builder.bitcast(_load_vec(builder, index_row, index_offset), _V32I16)
     repeat_table = ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2)
     for nibble in range(4):
         group = builder.add(builder.mul(quad, ir.Constant(_I64, 4)), ir.Constant(_I64, nibble))
@@ -464,6 +470,9 @@ def _tl2_tile(typingctx, tables, indices, signs, tile, tokens, num_quads):
                                    _I32.as_pointer())
         table_rows = _row_pointers(context, builder, tables_type, tables_value, tokens_type, tokens_value)
         num_quads_i64 = context.cast(builder, quads_value, quads_type, types.int64)
+        prefetch_strides_bytes = tuple(
+            builder.extract_value(context.make_array(array_type)(context, builder, array_value).strides, 0)
+            for array_type, array_value in ((indices_type, indices_value), (signs_type, signs_value)))
         acc16 = [cgutils.alloca_once_value(builder, ir.Constant(_V32I16, None)) for _ in table_rows]
         acc32 = [tuple(cgutils.alloca_once_value(builder, ir.Constant(_VEC, None)) for _ in range(2))
                  for _ in table_rows]
@@ -475,7 +484,7 @@ def _tl2_tile(typingctx, tables, indices, signs, tile, tokens, num_quads):
             chunk_quads = builder.select(builder.icmp_signed("<", remaining, limit), remaining, limit)
             with cgutils.for_range(builder, chunk_quads) as step:
                 quad = builder.add(first_quad, step.index)
-                _emit_tl2_quad(builder, index_row, sign_row, table_rows, acc16, quad)
+                _emit_tl2_quad(builder, index_row, sign_row, table_rows, acc16, quad, prefetch_strides_bytes)
             for acc, acc32_pair in zip(acc16, acc32, strict=True):
                 _widen_into(builder, acc, acc32_pair)
         sums = [None] * (32 * len(table_rows))
