@@ -1,0 +1,103 @@
+"""Fused per-token Numba kernels for the glue between matmuls: RMSNorm (with the residual add), rotate-half RoPE, and
+the gated activations. One call each instead of several numpy passes, so a small model's decode step is not
+dominated by interpreter overhead. Float32 throughout, each token reduced in a fixed order (batch invariant).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x: (T, D) float32 -> x / sqrt(mean(x²) + eps) * weight, a new (T, D) float32 array."""
+    _check_rows(x, weight)
+    out = np.empty_like(x)
+    _rms_norm(x, weight, np.float32(eps), out)
+    return out
+
+
+def add_rms_norm(hidden: np.ndarray, delta: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """hidden += delta in place (the residual stream), then return rms_norm(hidden) as a new array."""
+    _check_rows(hidden, weight)
+    if delta.shape != hidden.shape or delta.dtype != np.float32:
+        raise ValueError(f"delta {delta.shape} {delta.dtype} must match hidden {hidden.shape} float32")
+    out = np.empty_like(hidden)
+    _add_rms_norm(hidden, np.ascontiguousarray(delta), weight, np.float32(eps), out)
+    return out
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate x (num_tokens, num_heads, head_dim) float32 in place, rotate-half pairs (j, j + head_dim / 2);
+    cos, sin: (max_positions, head_dim // 2) float32 tables; positions: (num_tokens,) int32."""
+    if x.dtype != np.float32 or x.ndim != 3 or x.shape[2] != 2 * cos.shape[1] or x.shape[0] != positions.shape[0]:
+        raise ValueError(f"x {x.shape} {x.dtype} does not fit positions {positions.shape} and tables {cos.shape}")
+    _apply_rope(x, positions, cos, sin)
+
+
+def gated_activation(gate_up: np.ndarray, relu2: bool) -> np.ndarray:
+    """gate_up: (T, 2F) float32, gate in the first F columns and up in the last F -> act(gate) * up, (T, F).
+
+    relu2: relu(g)² (BitNet b1.58); otherwise silu(g) = g / (1 + e^-g) (Llama).
+    """
+    if gate_up.dtype != np.float32 or gate_up.ndim != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be (T, 2F) float32, got {gate_up.shape} {gate_up.dtype}")
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
+    _gated_activation(gate_up, relu2, out)
+    return out
+
+
+def _check_rows(x: np.ndarray, weight: np.ndarray) -> None:
+    if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous or weight.shape != (x.shape[1],):
+        raise ValueError(f"x must be C-contiguous (T, D) float32 with a (D,) weight, got {x.shape} {x.dtype}, "
+                         f"{weight.shape}")
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _normalize_row(row, weight, eps, out_row):  # pragma: no cover - jitted
+    total = np.float32(0.0)
+    for d in range(row.shape[0]):
+        total += row[d] * row[d]
+    inverse = np.float32(1.0) / np.sqrt(total / np.float32(row.shape[0]) + eps)
+    for d in range(row.shape[0]):
+        out_row[d] = row[d] * inverse * weight[d]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rms_norm(x, weight, eps, out):  # pragma: no cover - jitted
+    for t in prange(x.shape[0]):
+        _normalize_row(x[t], weight, eps, out[t])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _add_rms_norm(hidden, delta, weight, eps, out):  # pragma: no cover - jitted
+    for t in prange(hidden.shape[0]):
+        for d in range(hidden.shape[1]):
+            hidden[t, d] += delta[t, d]
+        _normalize_row(hidden[t], weight, eps, out[t])
+
+
+@njit(cache=True, nogil=True)
+def _apply_rope(x, positions, cos, sin):  # pragma: no cover - jitted
+    half = cos.shape[1]
+    for t in range(x.shape[0]):
+        position = positions[t]
+        for h in range(x.shape[1]):
+            for j in range(half):
+                first = x[t, h, j]
+                second = x[t, h, j + half]
+                x[t, h, j] = first * cos[position, j] - second * sin[position, j]
+                x[t, h, j + half] = second * cos[position, j] + first * sin[position, j]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gated_activation(gate_up, relu2, out):  # pragma: no cover - jitted
+    width = out.shape[1]
+    for t in prange(gate_up.shape[0]):
+        for f in range(width):
+            gate = gate_up[t, f]
+            if relu2:
+                active = max(gate, np.float32(0.0))
+                out[t, f] = active * active * gate_up[t, width + f]
+            else:
+                out[t, f] = gate / (np.float32(1.0) + np.exp(-gate)) * gate_up[t, width + f]
