@@ -21,7 +21,7 @@ from engine.runtime import configure_threads
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.registry import ModelRegistry
-from server.routes import chat, completions, health, models
+from server.routes import admin, chat, completions, health, models
 from server.routes.common import AppState
 from server.settings import ServerSettings
 
@@ -31,18 +31,17 @@ logger = logging.getLogger("bitserve")
 class _StatusCounter:
     """ASGI middleware counting responses by route and status code (for the errors panel), streaming included."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's own paths; anything else is "other", so a scanner cannot add series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path.startswith(("/v1/", "/admin/")) or path in ("/health", "/ready", "/metrics") else "other"
-        if route.startswith("/v1/models/"):
-            route = "/v1/models/{id}"
+        route = path if path in self.routes else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -75,7 +74,9 @@ def create_app(settings: ServerSettings, model_path: Path) -> FastAPI:
     install_error_handlers(app, max_body_bytes=settings.max_body_bytes)
     for module in (chat, completions, models, health):
         app.include_router(module.router)
-    app.add_middleware(_StatusCounter, metrics=metrics)
+    if settings.admin_token is not None:  # without a token the admin API does not exist: its paths answer 404
+        app.include_router(admin.router)
+    app.add_middleware(_StatusCounter, metrics=metrics, routes=frozenset(app.openapi()["paths"]))
     return app
 
 
@@ -97,7 +98,7 @@ async def _drain(state: AppState, timeout_s: float) -> None:
     state.draining = True
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if all(s.engine_loop.num_running + s.engine_loop.num_waiting == 0 for s in state.registry.models.values()):
+        if state.registry.num_in_flight == 0:
             return
         await asyncio.sleep(0.05)
     logger.warning("shutdown deadline of %.0f s passed with requests still running", timeout_s)

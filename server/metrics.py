@@ -7,6 +7,7 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from engine.engine import StepStats
+from engine.request import FinishReason
 
 # CPU serving spans milliseconds (a decode step of a small model) to minutes (a long generation under load).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
@@ -36,7 +37,8 @@ class Metrics:
         self.prompt_tokens = Counter("bitserve_prompt_tokens", "Prompt tokens prefilled.", m, registry=r)
         self.generation_tokens = Counter("bitserve_generation_tokens", "Tokens generated.", m, registry=r)
         self.requests = Counter("bitserve_requests", "Finished requests.", ["model", "finish_reason"], registry=r)
-        self.model_swaps = Counter("bitserve_model_swaps", "Admin model loads and swaps.", ["result"], registry=r)
+        self.model_swaps = Counter("bitserve_model_swaps", "Admin model loads (success or failure) and activations.",
+                                   ["result"], registry=r)
         self.http_requests = Counter("bitserve_http_requests", "HTTP responses by route and status code.",
                                      ["route", "status"], registry=r)
         self.num_requests_running = Gauge("bitserve_num_requests_running", "Requests in the running batch.", m,
@@ -53,9 +55,15 @@ class Metrics:
     def register_model(self, model_id: str, weight_bytes: int, kv_cache_bytes: int) -> None:
         self.model_weight_bytes.labels(model_id).set(weight_bytes)
         self.kv_cache_bytes.labels(model_id).set(kv_cache_bytes)
-        for child in (self.prompt_tokens, self.generation_tokens, self.num_requests_running,
-                      self.num_requests_waiting, self.kv_cache_usage):
-            child.labels(model_id)
+        # Every per-model series exists from the start, at 0: a rate over a window that begins before the first
+        # request then counts that request, and a scrape shows every family as soon as the model serves.
+        for family in (self.time_to_first_token, self.inter_token_latency, self.e2e_request_latency,
+                       self.request_queue_time, self.engine_step, self.batch_size, self.prompt_tokens,
+                       self.generation_tokens, self.num_requests_running, self.num_requests_waiting,
+                       self.kv_cache_usage):
+            family.labels(model_id)
+        for reason in FinishReason:
+            self.requests.labels(model_id, reason.value)
 
     def forget_model(self, model_id: str) -> None:
         """Drop an unloaded model's gauges (its counters and histograms keep their history)."""

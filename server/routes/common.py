@@ -46,7 +46,7 @@ def require_api_key(request: Request) -> None:
     # Compare against every key so the time taken does not reveal which key (or how much of one) matched.
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(supplied, key.get_secret_value().encode())
+        matched |= hmac.compare_digest(supplied, key.encode())
     if not matched:
         raise APIError.authentication("Incorrect API key provided." if supplied else
                                       "Missing API key: send 'Authorization: Bearer <key>'.")
