@@ -106,6 +106,11 @@ def test_compose_scale_override_is_valid(env_file: Path) -> None:
     # Every replica is behind the load balancer, and the load balancer points at no replica that does not exist.
     upstream_hosts = set(re.findall(r"^\s*server\s+([\w.-]+):8000\b", UPSTREAMS.read_text(), re.MULTILINE))
     assert upstream_hosts == replicas
+    # nginx.conf's includes resolve next to it, at /etc/nginx/ in the container: compose mounts each one there.
+    includes = re.findall(r"^\s*include\s+([\w.-]+);", (DEPLOY / "nginx" / "nginx.conf").read_text(), re.MULTILINE)
+    assert "upstreams.conf" in includes
+    for name in includes:
+        assert f"/deploy/nginx/{name}:/etc/nginx/{name}:ro" in result.stdout, f"compose does not mount {name} for nginx"
 
 
 def test_default_model_path_is_the_same_everywhere() -> None:
@@ -121,11 +126,12 @@ def test_promtool_accepts_prometheus_config() -> None:
 
 def test_nginx_accepts_config(tmp_path: Path) -> None:
     # nginx resolves upstream names when it loads its config, and bitserve-N exist only inside compose's network.
-    # So the repo's nginx.conf is tested verbatim, next to the repo's upstreams.conf with its hosts moved to loopback.
-    # Every parameter of those `server` lines is still checked.
+    # So the repo's nginx.conf and listen.conf are tested verbatim, next to the repo's upstreams.conf with its hosts
+    # moved to loopback. Every parameter of those `server` lines is still checked.
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir()
-    shutil.copy(DEPLOY / "nginx" / "nginx.conf", conf_dir / "nginx.conf")
+    for name in ("nginx.conf", "listen.conf"):
+        shutil.copy(DEPLOY / "nginx" / name, conf_dir / name)
     ports = iter(range(18001, 18100))
     (conf_dir / "upstreams.conf").write_text(
         re.sub(r"(server\s+)[\w.-]+:\d+", lambda m: f"{m.group(1)}127.0.0.1:{next(ports)}", UPSTREAMS.read_text()))
@@ -136,7 +142,8 @@ def test_nginx_accepts_config(tmp_path: Path) -> None:
     dump = result.stdout
     for directive in ("least_conn;", "max_fails=", "fail_timeout=", "proxy_buffering off;", "proxy_cache off;",
                       "proxy_http_version 1.1;", "proxy_next_upstream error timeout http_502 http_503",
-                      "proxy_read_timeout 600s;", "client_max_body_size 1m;"):
+                      "proxy_read_timeout 600s;", "client_max_body_size 1m;",
+                      "listen 8000 default_server;"):  # the container port that compose publishes
         assert directive in dump, f"nginx config lacks {directive!r}"
 
 
