@@ -18,21 +18,26 @@ from engine.linear.dense import DenseLinear
 HAS_VNNI = cpu_features.detect_cpu_features().has_avx512_vnni
 PATHS = [
     "portable",
+    "simd",
     pytest.param("avx512_vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU or JIT target lacks AVX-512 VNNI")),
 ]
+MATMUL = {"portable": bq._matmul_portable, "simd": bq._matmul_simd, "avx512_vnni": bq._matmul_vnni}
+QUANTIZE_MATMUL = {
+    "portable": bq._quantize_matmul_portable, "simd": bq._quantize_matmul_simd, "avx512_vnni": bq._quantize_matmul_vnni
+}
 FORMATS = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
 _FMT = {GGMLType.Q4_0: bq._FMT_Q4_0, GGMLType.Q4_1: bq._FMT_Q4_1, GGMLType.Q8_0: bq._FMT_Q8_0}
 
 ROW_COUNTS = [1, 3, 33, 100]
-IN_FEATURES = [32, 96, 480, 576]  # 1, 3, 15 and 18 blocks: every tail kind of the 16-block VNNI step
+# 1, 3, 15, 18 and 33 blocks: rows with only a tail, one or two interleaved 16-block groups plus a tail.
+IN_FEATURES = [32, 96, 480, 576, 1056]
 TOKEN_COUNTS = [1, 2, 5, 17]
 
 
 def run_matmul(path: str, ggml_type: GGMLType, xq, xd, xsum, layer: BlockQuantLinear) -> np.ndarray:
     """One kernel path called directly, whatever path the module chose at import."""
     wm = layer.wm if layer.wm is not None else layer.wd
-    kernel = bq._matmul_vnni if path == "avx512_vnni" else bq._matmul_portable
-    return kernel(xq, xd, xsum, layer.wq, layer.wd, wm, _FMT[ggml_type])
+    return MATMUL[path](xq, xd, xsum, layer.wq.view(np.uint8), layer.wd, wm, _FMT[ggml_type])
 
 
 def random_weights(rng: np.random.Generator, num_rows: int, in_features: int) -> np.ndarray:
@@ -48,8 +53,9 @@ def random_weights(rng: np.random.Generator, num_rows: int, in_features: int) ->
 def signed_values(layer: BlockQuantLinear) -> np.ndarray:
     """(N, K) int64: the integer each weight code stands for before its scale (GGUF element order)."""
     if layer.ggml_type == GGMLType.Q8_0:
-        return layer.wq.astype(np.int64)
-    blocks = layer.wq.reshape(layer.out_features, -1, 16).astype(np.int64)
+        return layer.wq.astype(np.int64)  # Q8_0 codes stay in GGUF order
+    codes = bq.to_gguf_order(layer.wq)
+    blocks = codes.reshape(layer.out_features, -1, 16).astype(np.int64)
     nibbles = np.concatenate([blocks & 15, blocks >> 4], axis=2).reshape(layer.out_features, -1)
     return nibbles - 8 if layer.ggml_type == GGMLType.Q4_0 else nibbles
 
@@ -95,6 +101,22 @@ def test_quantized_bytes_match_gguf_reference() -> None:
         ours = BlockQuantLinear.quantize(w, ggml_type).to_gguf_blocks()
         theirs = gguf.quants.quantize(w, gguf.GGMLQuantizationType(ggml_type.value))
         np.testing.assert_array_equal(ours, theirs, err_msg=ggml_type.name)
+
+
+def test_kernel_order_interleaves_full_groups_only() -> None:
+    block_bytes = 16
+    num_blocks = 35  # two full groups of 16 and a tail of 3
+    codes = np.arange(2 * num_blocks * block_bytes).reshape(2, -1).astype(np.uint8)
+    ordered = bq.to_kernel_order(codes)
+    group, block, byte = 1, 5, 9  # byte 9 of block 16 + 5 of row 1
+    expected_at = group * 16 * block_bytes + byte // 4 * 64 + block * 4 + byte % 4
+    assert ordered[1, expected_at] == codes[1, (16 * group + block) * block_bytes + byte]
+    tail_start = 32 * block_bytes
+    np.testing.assert_array_equal(ordered[:, tail_start:], codes[:, tail_start:])
+    np.testing.assert_array_equal(bq.to_gguf_order(ordered), codes)
+    assert not np.array_equal(ordered, codes)
+    with pytest.raises(ValueError, match="uint8 Q4"):
+        bq.to_kernel_order(codes.view(np.int8))
 
 
 def test_activation_quantizer_matches_gguf_q8_0() -> None:
@@ -187,12 +209,12 @@ def test_fused_quantize_matmul_equals_two_steps(path: str) -> None:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, 96)).astype(np.float32)
     xq, xd, xsum = bq.quantize_q8_blocks(x)
-    fused = bq._quantize_matmul_vnni if path == "avx512_vnni" else bq._quantize_matmul_portable
+    fused = QUANTIZE_MATMUL[path]
     for ggml_type in FORMATS:
         layer = BlockQuantLinear.quantize(random_weights(rng, 7, 96), ggml_type)
         wm = layer.wm if layer.wm is not None else layer.wd
         expected = run_matmul("portable", ggml_type, xq, xd, xsum, layer)
-        np.testing.assert_array_equal(fused(x, layer.wq, layer.wd, wm, _FMT[ggml_type]), expected)
+        np.testing.assert_array_equal(fused(x, layer.wq.view(np.uint8), layer.wd, wm, _FMT[ggml_type]), expected)
         np.testing.assert_array_equal(layer(x), expected)
         np.testing.assert_array_equal(layer.matmul_quantized(xq, xd, xsum), expected)
     assert np.all(BlockQuantLinear.quantize(np.zeros((2, 32), np.float32), GGMLType.Q4_1)(x[:, :32].copy()) == 0)
@@ -255,14 +277,26 @@ def test_matmul_f32_fixed_order_and_batch_invariance() -> None:
     assert layer.num_bytes == w.nbytes and (layer.out_features, layer.in_features) == (33, 576)
 
 
+def test_kernel_path_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BITSERVE_KERNELS", "portable")
+    assert bq._select_kernel_path() == "portable"
+    monkeypatch.setenv("BITSERVE_KERNELS", "auto")
+    assert bq._select_kernel_path() == ("avx512_vnni" if HAS_VNNI else "simd")
+    monkeypatch.setenv("BITSERVE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="BITSERVE_KERNELS"):
+        bq._select_kernel_path()
+
+
 def test_vnni_kernel_uses_vpdpbusd() -> None:
     if not HAS_VNNI:
         pytest.skip("CPU or JIT target lacks AVX-512 VNNI")
-    # Code loaded from Numba's cache cannot be inspected, so compile an uncached twin of the same Python function.
-    twin = numba.njit(nogil=True, parallel=True)(bq._matmul_padded_vnni.py_func)
-    scales = np.ones((1, 1), np.float32)
-    acts, sums = np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32)
-    twin(acts, np.ones((1, 16), np.float32), sums, np.ones((1, 16), np.float32), np.zeros((1, 16), np.uint8), scales,
-         scales, 1)
-    assembly = twin.inspect_asm(twin.signatures[0])
+
+    # Code loaded from Numba's cache cannot be inspected: compile a small uncached caller of one tile intrinsic.
+    @numba.njit(nogil=True)
+    def one_tile(wq, scales, xp, xc):
+        return bq._tile_dot_q4_1_vnni(wq, scales, scales, (0, 0), xp, scales, xc, scales, (0,))
+
+    scales = np.ones((1, 16), np.float32)
+    one_tile(np.zeros((1, 256), np.uint8), scales, np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32))
+    assembly = one_tile.inspect_asm(one_tile.signatures[0])
     assert "vpdpbusd" in assembly and "zmm" in assembly

@@ -1,6 +1,6 @@
-"""GGUF block formats Q4_0, Q4_1, Q8_0: weight and activation quantizers, row dequantizers and int8-dot matmuls, with an
-AVX-512 VNNI path (llvmlite IR) and a portable Numba path that give identical bits. Arrays in, arrays out: no model
-knowledge, no file parsing.
+"""GGUF block formats Q4_0, Q4_1, Q8_0: weight and activation quantizers, row dequantizers and int8-dot matmuls in three
+paths that give identical bits (AVX-512 VNNI and target-independent SIMD, both llvmlite IR; plain Numba as the obvious
+fallback). Arrays in, arrays out: no model knowledge, no file parsing.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from engine.kernels.cpu_features import detect_cpu_features
 BLOCK_SIZE = 32  # elements per GGUF block, each with its own scale
 # Every output is a sum over blocks in one fixed order, whatever the batch: block b's scaled dot goes into float32
 # partial sum b % 16 (in increasing b), and the 16 partial sums are added as a fixed tree (lane i + lane i+8, then
-# i + i+4, ...). Sixteen float32 lanes are one 512-bit register; the portable path follows the same order, so both paths
-# give the same bits.
+# i + i+4, ...). Sixteen float32 lanes are one 512-bit register; every path follows this order, so all give the same
+# bits, and a token's output never depends on the other tokens of the batch.
 _NUM_LANES = 16
+
+# dtype instances, so the per-call checks can compare by identity
+_INT8, _UINT8, _INT32, _FLOAT32 = np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.float32)
 
 _FMT_Q4_0 = 0
 _FMT_Q4_1 = 1
@@ -126,20 +129,22 @@ def quantize_q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     x: (num_tokens, K) float32, K % 32 == 0 -> xq (num_tokens, K) int8, xd (num_tokens, K // 32) float32 (not rounded to
     fp16), xsum (num_tokens, K // 32) int32 = Σ xq over each block.
     """
-    _check("x", x, np.float32, 2)
+    _check("x", x, _FLOAT32, 2)
     _check_in_features(x.shape[1])
     return _quantize_q8_blocks(x)
 
 
 def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weights to Q8_0: w (N, K) float32 -> wq (N, K) int8, wd (N, K // 32) float32 holding each block's fp16 scale."""
-    wq, wd, _ = quantize_q8_blocks(w)
+    _check("w", w, _FLOAT32, 2)
+    _check_in_features(w.shape[1])
+    wq, wd, _ = _quantize_q8_blocks(w)
     return wq, _round_to_fp16(wd)
 
 
 def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weights to Q4_0: w (N, K) float32 -> wq (N, K // 2) uint8 in GGUF nibble order, wd (N, K // 32) fp16 values."""
-    _check("w", w, np.float32, 2)
+    _check("w", w, _FLOAT32, 2)
     _check_in_features(w.shape[1])
     wq, wd, _ = _quantize_q4(w, _FMT_Q4_0)
     return wq, _round_to_fp16(wd)
@@ -147,7 +152,7 @@ def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_q4_1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights to Q4_1: w (N, K) float32 -> wq (N, K // 2) uint8, wd and wm (N, K // 32) fp16 scales and minimums."""
-    _check("w", w, np.float32, 2)
+    _check("w", w, _FLOAT32, 2)
     _check_in_features(w.shape[1])
     wq, wd, wm = _quantize_q4(w, _FMT_Q4_1)
     return wq, _round_to_fp16(wd), _round_to_fp16(wm)
@@ -159,55 +164,99 @@ def _round_to_fp16(values: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Code layout. Q4 codes are stored per row in "kernel order": each full group of 16 blocks is interleaved so that bytes
+# 4i..4i+3 of block l sit at 64·i + 4·l, i.e. one 64-byte vector holds 4 bytes of each of the 16 blocks and vpdpbusd
+# leaves block l's partial dot in int32 lane l; no shuffles are needed to gather a block's dot. The < 16 blocks left
+# at the end of a row stay in GGUF order. Scales are untouched; the byte count is unchanged. Q8_0 codes stay in GGUF
+# order everywhere: other kernels (the 16-bit-activation output head) read a Q8_0 table's codes directly.
+
+
+def _group_shape(codes: np.ndarray) -> tuple[int, int, int]:
+    """(num_rows, bytes in full groups, bytes per block) of a uint8 Q4 codes array (16 bytes per block)."""
+    if codes.dtype != np.uint8 or codes.ndim != 2:
+        raise ValueError(f"kernel order applies to 2-D uint8 Q4 codes, got {codes.dtype} with {codes.ndim} dims")
+    block_bytes = 16
+    group_bytes = 16 * block_bytes
+    return codes.shape[0], codes.shape[1] // group_bytes * group_bytes, block_bytes
+
+
+def to_kernel_order(codes: np.ndarray) -> np.ndarray:
+    """(N, K // 2) uint8 Q4 codes in GGUF order -> a new array in kernel order."""
+    num_rows, grouped_bytes, block_bytes = _group_shape(codes)
+    out = np.array(codes, order="C")
+    num_groups = grouped_bytes // (16 * block_bytes)
+    # (N, group, block, quad, byte) -> (N, group, quad, block, byte)
+    groups = codes[:, :grouped_bytes].reshape(num_rows, num_groups, 16, block_bytes // 4, 4)
+    out[:, :grouped_bytes] = groups.transpose(0, 1, 3, 2, 4).reshape(num_rows, grouped_bytes)
+    return out
+
+
+def to_gguf_order(codes: np.ndarray) -> np.ndarray:
+    """The inverse of to_kernel_order: (N, K // 2) uint8 Q4 codes in kernel order -> a new array in GGUF order."""
+    num_rows, grouped_bytes, block_bytes = _group_shape(codes)
+    out = np.array(codes, order="C")
+    num_groups = grouped_bytes // (16 * block_bytes)
+    # (N, group, quad, block, byte) -> (N, group, block, quad, byte)
+    groups = codes[:, :grouped_bytes].reshape(num_rows, num_groups, block_bytes // 4, 16, 4)
+    out[:, :grouped_bytes] = groups.transpose(0, 1, 3, 2, 4).reshape(num_rows, grouped_bytes)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _block_base_stride(block: int, num_groups: int, block_bytes: int) -> tuple[int, int]:
+    """Byte j of a block's codes is at base + (j // 4) · stride + j % 4 in its row; num_groups is the number of
+    interleaved 16-block groups at the start of the row (0 for Q8_0, whose rows are all in GGUF order)."""
+    if block < num_groups * 16:
+        return block // 16 * 16 * block_bytes + block % 16 * 4, 64
+    return block * block_bytes, 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Row dequantizers: the embedding lookup of a block-quantized table.
 
 
 @njit(cache=True, nogil=True)
-def _dequantize_rows_q4(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, row_ids: np.ndarray, fmt: int) -> np.ndarray:
-    num_cols = wq.shape[1] * 2
-    out = np.empty((row_ids.shape[0], num_cols), np.float32)  # (num_rows, K) float32
+def _dequantize_rows(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, row_ids: np.ndarray, fmt: int) -> np.ndarray:
+    num_blocks = wd.shape[1]
+    block_bytes = 32 if fmt == _FMT_Q8_0 else 16
+    out = np.empty((row_ids.shape[0], num_blocks * 32), np.float32)  # (num_rows, K) float32
+    num_groups = 0 if fmt == _FMT_Q8_0 else num_blocks // 16
     for i in range(row_ids.shape[0]):
         row = row_ids[i]
-        for block in range(num_cols // 32):
+        for block in range(num_blocks):
+            base, stride = _block_base_stride(block, num_groups, block_bytes)
             scale = wd[row, block]
-            for j in range(16):
-                byte = wq[row, block * 16 + j]
-                if fmt == _FMT_Q4_0:
-                    out[i, block * 32 + j] = np.float32((byte & 15) - 8) * scale
-                    out[i, block * 32 + 16 + j] = np.float32((byte >> 4) - 8) * scale
+            for j in range(block_bytes):
+                code = np.int32(wq[row, base + j // 4 * stride + j % 4])
+                col = block * 32 + j
+                if fmt == _FMT_Q8_0:
+                    out[i, col] = np.float32((code ^ 128) - 128) * scale
+                elif fmt == _FMT_Q4_0:
+                    out[i, col] = np.float32((code & 15) - 8) * scale
+                    out[i, col + 16] = np.float32((code >> 4) - 8) * scale
                 else:
-                    out[i, block * 32 + j] = np.float32(byte & 15) * scale + wm[row, block]
-                    out[i, block * 32 + 16 + j] = np.float32(byte >> 4) * scale + wm[row, block]
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _dequantize_rows_q8_0(wq: np.ndarray, wd: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-    num_cols = wq.shape[1]
-    out = np.empty((row_ids.shape[0], num_cols), np.float32)  # (num_rows, K) float32
-    for i in range(row_ids.shape[0]):
-        row = row_ids[i]
-        for col in range(num_cols):
-            out[i, col] = np.float32(wq[row, col]) * wd[row, col // 32]
+                    out[i, col] = np.float32(code & 15) * scale + wm[row, block]
+                    out[i, col + 16] = np.float32(code >> 4) * scale + wm[row, block]
     return out
 
 
 def dequantize_rows_q4_0(wq: np.ndarray, wd: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-    """Rows of a Q4_0 matrix to float32: (nibble - 8) · d. row_ids (num_rows,) int64 -> (num_rows, K) float32."""
-    check_weights(wq, wd, None, np.uint8)
-    return _dequantize_rows_q4(wq, wd, wd, _checked_row_ids(row_ids, wq.shape[0]), _FMT_Q4_0)
+    """Rows of a Q4_0 matrix (codes in kernel order) to float32: (nibble - 8) · d. row_ids (num_rows,) int64 ->
+    (num_rows, K) float32."""
+    check_weights(wq, wd, None, _UINT8)
+    return _dequantize_rows(wq, wd, wd, _checked_row_ids(row_ids, wq.shape[0]), _FMT_Q4_0)
 
 
 def dequantize_rows_q4_1(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-    """Rows of a Q4_1 matrix to float32: nibble · d + m. row_ids (num_rows,) int64 -> (num_rows, K) float32."""
-    check_weights(wq, wd, wm, np.uint8)
-    return _dequantize_rows_q4(wq, wd, wm, _checked_row_ids(row_ids, wq.shape[0]), _FMT_Q4_1)
+    """Rows of a Q4_1 matrix (kernel order) to float32: nibble · d + m. -> (num_rows, K) float32."""
+    check_weights(wq, wd, wm, _UINT8)
+    return _dequantize_rows(wq, wd, wm, _checked_row_ids(row_ids, wq.shape[0]), _FMT_Q4_1)
 
 
 def dequantize_rows_q8_0(wq: np.ndarray, wd: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-    """Rows of a Q8_0 matrix to float32: q · d. row_ids (num_rows,) int64 -> (num_rows, K) float32."""
-    check_weights(wq, wd, None, np.int8)
-    return _dequantize_rows_q8_0(wq, wd, _checked_row_ids(row_ids, wq.shape[0]))
+    """Rows of a Q8_0 matrix (GGUF order) to float32: q · d. -> (num_rows, K) float32."""
+    check_weights(wq, wd, None, _INT8)
+    return _dequantize_rows(wq.view(np.uint8), wd, wd, _checked_row_ids(row_ids, wq.shape[0]), _FMT_Q8_0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,19 +278,20 @@ def _sum_lanes(lanes: np.ndarray) -> np.float32:
 
 @njit(cache=True, nogil=True)
 def _dot_block(wq_row: np.ndarray, xq_row: np.ndarray, block: int, fmt: int) -> tuple[int, int]:
-    """(Σ code·q, Σ q) over one block. Q4: code j is the low nibble of byte j, code j + 16 its high nibble."""
+    """(Σ code·q, Σ q) over one block of a row. Q4 (kernel order): code byte j holds elements j (low nibble), j + 16."""
+    block_bytes = 32 if fmt == _FMT_Q8_0 else 16
+    base, stride = _block_base_stride(block, 0 if fmt == _FMT_Q8_0 else xq_row.shape[0] // 512, block_bytes)
     dot = np.int32(0)
     total = np.int32(0)
-    if fmt == _FMT_Q8_0:
-        for col in range(block * 32, block * 32 + 32):
-            dot += np.int32(wq_row[col]) * np.int32(xq_row[col])
-        return dot, total
-    for j in range(16):
-        byte = np.int32(wq_row[block * 16 + j])
+    for j in range(block_bytes):
+        code = np.int32(wq_row[base + j // 4 * stride + j % 4])
         low = np.int32(xq_row[block * 32 + j])
-        high = np.int32(xq_row[block * 32 + 16 + j])
-        dot += (byte & 15) * low + (byte >> 4) * high
-        total += low + high
+        if fmt == _FMT_Q8_0:
+            dot += ((code ^ 128) - 128) * low
+        else:
+            high = np.int32(xq_row[block * 32 + 16 + j])
+            dot += (code & 15) * low + (code >> 4) * high
+            total += low + high
     return dot, total
 
 
@@ -278,10 +328,12 @@ def _quantize_matmul_portable(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# AVX-512 VNNI matmuls. A step covers 16 blocks of one weight row: vpdpbusd (unsigned × signed bytes, 4 products per
-# int32 lane) leaves 4 lanes per Q4 block (8 per Q8 block), pairwise shuffles fold them to one int32 per block, and the
-# 16 block dots are scaled and added to the 16 float32 lanes as one vector. Signed weights ride the unsigned operand via
-# an offset and a correction: Σ (n - 8)·q = Σ n·q - 8·Σq for Q4_0, Σ w·q = Σ (w + 128)·q - 128·Σq for Q8_0.
+# Vector matmuls (llvmlite IR). A step covers 16 blocks of a weight row: a byte dot (vpdpbusd on VNNI, unsigned × signed
+# bytes, 4 products per int32 lane) of each 64-byte weight vector with its activation vector leaves block l's partial
+# dot in lane l (Q4 kernel order); in GGUF order (Q8_0 rows, Q4 row tails) pairwise shuffles fold each block's 4 (Q4)
+# or 8 (Q8) lanes.
+# The 16 block dots are scaled and added to the 16 float32 lanes as one vector. Signed weights ride the unsigned
+# operand via an offset and a correction: Σ (n - 8)·q = Σ n·q - 8·Σq for Q4_0, Σ w·q = Σ (w + 128)·q - 128·Σq for Q8_0.
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -290,7 +342,6 @@ _BYTES = ir.VectorType(_I8, 64)
 _INTS = ir.VectorType(_I32, 16)
 _FLOATS = ir.VectorType(ir.FloatType(), 16)
 _MANGLED = {str(_BYTES): "v64i8", str(_FLOATS): "v16f32"}
-_PREFETCH_ROWS = int(os.environ.get("PF_ROWS", "4"))
 _TOKENS_PER_TILE = 4  # tokens computed together: each loaded and unpacked weight vector serves four tokens
 
 
@@ -333,19 +384,25 @@ def _load(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value, vec_type
     return builder.call(fn, [pointer, ir.Constant(_I32, 1), mask, ir.Constant(vec_type, None)])
 
 
-def _prefetch(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value) -> None:
-    """Ask for a cache line of a later row now (prefetches never fault, so rows past the end are harmless)."""
-    fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [builder.gep(base, [byte_offset]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+def _dot_bytes(builder: ir.IRBuilder, acc: ir.Value, unsigned_bytes: ir.Value, signed_bytes: ir.Value,
+               vnni: bool) -> ir.Value:
+    """acc + Σ over each int32 lane's 4 bytes of unsigned × signed products (exact, no saturation).
 
-
-def _vpdpbusd(builder: ir.IRBuilder, acc: ir.Value, unsigned_bytes: ir.Value, signed_bytes: ir.Value) -> ir.Value:
-    """acc + Σ over each int32 lane's 4 bytes of unsigned × signed products (exact, no saturation)."""
-    fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_INTS, [_INTS, _INTS, _INTS]), "llvm.x86.avx512.vpdpbusd.512"
-    )
-    return builder.call(fn, [acc, builder.bitcast(unsigned_bytes, _INTS), builder.bitcast(signed_bytes, _INTS)])
+    vnni: one vpdpbusd. Otherwise the same sum in target-independent vector IR (widen, multiply, add pairs twice),
+    which LLVM lowers to pmaddwd-style code on any x86 (or NEON), so the "simd" path needs no CPU check.
+    """
+    if vnni:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_INTS, [_INTS, _INTS, _INTS]), "llvm.x86.avx512.vpdpbusd.512"
+        )
+        return builder.call(fn, [acc, builder.bitcast(unsigned_bytes, _INTS), builder.bitcast(signed_bytes, _INTS)])
+    wide = ir.VectorType(_I32, 64)
+    products = builder.mul(builder.zext(unsigned_bytes, wide), builder.sext(signed_bytes, wide))  # <64 x i32>
+    for width in (32, 16):
+        evens = builder.shuffle_vector(products, products, _lane_indices(list(range(0, 2 * width, 2))))
+        odds = builder.shuffle_vector(products, products, _lane_indices(list(range(1, 2 * width, 2))))
+        products = builder.add(evens, odds)
+    return builder.add(acc, products)
 
 
 def _fold_pairs(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
@@ -355,64 +412,71 @@ def _fold_pairs(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.
     return builder.add(evens, odds)
 
 
-def _emit_step(builder: ir.IRBuilder, fmt: int, weight_rows: dict, token_rows: list[dict], token_lanes: list,
-               block0: ir.Value, tail: ir.Value | None, num_active_loads: int) -> None:
-    """Adds the scaled dots of blocks block0 .. block0 + 15 to each token's lanes.
+def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[dict], token_rows: list[dict],
+               lanes: list[list], block0: ir.Value, tail: ir.Value | None, num_active_loads: int) -> None:
+    """Adds the scaled dots of blocks block0 .. block0 + 15 to lanes[row][token] for every row and token of the tile.
 
     tail: number of real blocks (< 16) in a row's last, partial step, else None. Only the first num_active_loads
-    weight vectors hold real blocks; the rest are known zeros and cost nothing.
+    weight vectors hold real blocks; the rest are known zeros and cost nothing. Each weight vector is loaded and
+    unpacked once for all tokens, each activation vector once for all rows.
     """
     bytes_per_block = 32 if fmt == _FMT_Q8_0 else 16
     num_loads = bytes_per_block // 4  # 64-byte weight vectors per 16 blocks
     weight_offset = builder.mul(block0, _const(bytes_per_block))
     act_offset = builder.mul(block0, _const(32))
-    unsigned_weights = []  # per active load: the unsigned operands, Q4 (low nibbles, high nibbles), Q8 (w + 128,)
-    for load in range(num_active_loads):
-        mask = None
-        if tail is not None and load == num_active_loads - 1:
-            valid_bytes = builder.sub(builder.mul(tail, _const(bytes_per_block)), _const(64 * load))
-            mask = _prefix_mask(builder, valid_bytes, 64)
-        weights = _load(builder, weight_rows["wq"], builder.add(weight_offset, _const(64 * load)), _BYTES, mask)
-        if _PREFETCH_ROWS:
-            _prefetch(builder, weight_rows["wq_ahead"], builder.add(weight_offset, _const(64 * load)))
-        if fmt == _FMT_Q8_0:
-            unsigned_weights.append((builder.xor(weights, _splat_bytes(0x80)),))
-        else:
-            high = builder.and_(builder.lshr(weights, _splat_bytes(4)), _splat_bytes(15))
-            unsigned_weights.append((builder.and_(weights, _splat_bytes(15)), high))
     scale_offset = builder.mul(block0, _const(4))
     float_mask = None if tail is None else _prefix_mask(builder, tail, 16)
-    weight_scales = _load(builder, weight_rows["wd"], scale_offset, _FLOATS, float_mask)
-    if _PREFETCH_ROWS:
-        _prefetch(builder, weight_rows["wd_ahead"], scale_offset)
-        if fmt == _FMT_Q4_1:
-            _prefetch(builder, weight_rows["wm_ahead"], scale_offset)
-    if fmt == _FMT_Q4_1:
-        weight_mins = _load(builder, weight_rows["wm"], scale_offset, _FLOATS, float_mask)
+    unsigned_weights = []  # [row][load]: the unsigned operands, Q4 (low nibbles, high nibbles), Q8 (w + 128,)
+    weight_scales = []  # [row]: (scales, mins or None) <16 x float>
+    for rows in weight_rows:
+        unsigned_weights.append([])
+        for load in range(num_active_loads):
+            mask = None
+            if tail is not None and load == num_active_loads - 1:
+                valid_bytes = builder.sub(builder.mul(tail, _const(bytes_per_block)), _const(64 * load))
+                mask = _prefix_mask(builder, valid_bytes, 64)
+            weights = _load(builder, rows["wq"], builder.add(weight_offset, _const(64 * load)), _BYTES, mask)
+            if fmt == _FMT_Q8_0:
+                unsigned_weights[-1].append((builder.xor(weights, _splat_bytes(0x80)),))
+            else:
+                high = builder.and_(builder.lshr(weights, _splat_bytes(4)), _splat_bytes(15))
+                unsigned_weights[-1].append((builder.and_(weights, _splat_bytes(15)), high))
+        mins = _load(builder, rows["wm"], scale_offset, _FLOATS, float_mask) if fmt == _FMT_Q4_1 else None
+        weight_scales.append((_load(builder, rows["wd"], scale_offset, _FLOATS, float_mask), mins))
     zero = ir.Constant(_INTS, None)
-    for acts, lanes in zip(token_rows, token_lanes, strict=True):
-        block_dots = []
-        for load in range(num_loads):
-            if load >= num_active_loads:
-                block_dots.append(zero)
-                continue
-            # Q4 activations were permuted to match: per 4 blocks, their 64 low-nibble partners, then the 64 high ones.
-            dot = zero
-            for part, operand in enumerate(unsigned_weights[load]):
-                offset = builder.add(act_offset, _const(64 * (len(unsigned_weights[load]) * load + part)))
-                dot = _vpdpbusd(builder, dot, operand, _load(builder, acts["xp"], offset, _BYTES, None))
-            block_dots.append(dot)
-        while len(block_dots) > 1:
-            block_dots = [_fold_pairs(builder, block_dots[i], block_dots[i + 1]) for i in range(0, len(block_dots), 2)]
-        dots = block_dots[0]  # <16 x i32>: lane i = block block0 + i
-        if fmt != _FMT_Q4_1:
-            dots = builder.sub(dots, _load(builder, acts["xc"], scale_offset, _INTS, None))
-        scales = builder.fmul(weight_scales, _load(builder, acts["xd"], scale_offset, _FLOATS, None))
-        products = builder.fmul(builder.sitofp(dots, _FLOATS), scales)
-        if fmt == _FMT_Q4_1:
-            min_terms = builder.fmul(weight_mins, _load(builder, acts["xs"], scale_offset, _FLOATS, None))
-            products = builder.fadd(products, min_terms)
-        builder.store(builder.fadd(builder.load(lanes), products), lanes)
+    num_parts = 1 if fmt == _FMT_Q8_0 else 2
+    for token, acts in enumerate(token_rows):
+        # The activations were laid out to meet the weight vectors byte for byte (see _pad_activations).
+        act_vectors = [[_load(builder, acts["xp"], builder.add(act_offset, _const(64 * (num_parts * load + part))),
+                              _BYTES, None) for part in range(num_parts)] for load in range(num_active_loads)]
+        correction = _load(builder, acts["xc"], scale_offset, _INTS, None) if fmt != _FMT_Q4_1 else None
+        act_scales = _load(builder, acts["xd"], scale_offset, _FLOATS, None)
+        act_sums = _load(builder, acts["xs"], scale_offset, _FLOATS, None) if fmt == _FMT_Q4_1 else None
+        for row in range(len(weight_rows)):
+            block_dots = []  # one partial dot vector per weight vector
+            for load in range(num_active_loads):
+                dot = zero
+                for part in range(num_parts):
+                    dot = _dot_bytes(builder, dot, unsigned_weights[row][load][part], act_vectors[load][part], vnni)
+                block_dots.append(dot)
+            if tail is None and fmt != _FMT_Q8_0:
+                # Kernel order: lane l of every vector belongs to block l, so the vectors just add up.
+                while len(block_dots) > 1:
+                    block_dots = [builder.add(block_dots[i], block_dots[i + 1]) for i in range(0, len(block_dots), 2)]
+            else:
+                # GGUF order: each 64-byte vector covers 4 (Q4) or 2 (Q8) whole blocks; fold lanes to one per block.
+                block_dots += [zero] * (num_loads - num_active_loads)
+                while len(block_dots) > 1:
+                    block_dots = [_fold_pairs(builder, block_dots[i], block_dots[i + 1])
+                                  for i in range(0, len(block_dots), 2)]
+            dots = block_dots[0]  # <16 x i32>: lane i = block block0 + i
+            if correction is not None:
+                dots = builder.sub(dots, correction)
+            scales, mins = weight_scales[row]
+            products = builder.fmul(builder.sitofp(dots, _FLOATS), builder.fmul(scales, act_scales))
+            if mins is not None:
+                products = builder.fadd(products, builder.fmul(mins, act_sums))
+            builder.store(builder.fadd(builder.load(lanes[row][token]), products), lanes[row][token])
 
 
 def _sum_lanes_ir(builder: ir.IRBuilder, lanes: ir.Value) -> ir.Value:
@@ -425,27 +489,26 @@ def _sum_lanes_ir(builder: ir.IRBuilder, lanes: ir.Value) -> ir.Value:
     return builder.extract_element(lanes, ir.Constant(_I32, 0))
 
 
-def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int) -> ir.Value:
-    """Outputs (row, tokens[i]) of the lane-ordered block sum, returned as a tuple of float32."""
-    row = context.cast(builder, args[3], sig.args[3], types.int64)
-    weight_rows = {}
-    row_ahead = builder.add(row, _const(_PREFETCH_ROWS))
-    for name, position in (("wq", 0), ("wd", 1), ("wm", 2)):
-        weight_rows[name], num_cols = _row_pointer(context, builder, sig.args[position], args[position], row)
-        weight_rows[name + "_ahead"], _ = _row_pointer(context, builder, sig.args[position], args[position], row_ahead)
-    num_blocks = num_cols  # the last one read is wm, of shape (N, K // 32)
-    tokens_type = sig.args[8]
+def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int, vnni: bool) -> ir.Value:
+    """Outputs (rows[r], tokens[t]) of the lane-ordered block sum, returned as a flat tuple of float32, row-major."""
+    weight_rows = []
+    for row in cgutils.unpack_tuple(builder, args[3], sig.args[3].count):
+        row = context.cast(builder, row, sig.args[3].dtype, types.int64)
+        weight_rows.append({})
+        for name, position in (("wq", 0), ("wd", 1), ("wm", 2)):
+            weight_rows[-1][name], num_blocks = _row_pointer(context, builder, sig.args[position], args[position], row)
+    # num_blocks: columns of wm, the last array read, of shape (N, K // 32)
     token_rows = []
-    for token in cgutils.unpack_tuple(builder, args[8], tokens_type.count):
-        token = context.cast(builder, token, tokens_type.dtype, types.int64)
+    for token in cgutils.unpack_tuple(builder, args[8], sig.args[8].count):
+        token = context.cast(builder, token, sig.args[8].dtype, types.int64)
         token_rows.append({name: _row_pointer(context, builder, sig.args[position], args[position], token)[0]
                            for name, position in (("xp", 4), ("xd", 5), ("xc", 6), ("xs", 7))})
-    token_lanes = [cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None)) for _ in token_rows]
+    lanes = [[cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None)) for _ in token_rows] for _ in weight_rows]
     num_steps = builder.udiv(num_blocks, _const(16))
     num_loads = 8 if fmt == _FMT_Q8_0 else 4
     with cgutils.for_range(builder, num_steps) as loop:
         block0 = builder.mul(loop.index, _const(16))
-        _emit_step(builder, fmt, weight_rows, token_rows, token_lanes, block0, None, num_loads)
+        _emit_step(builder, fmt, vnni, weight_rows, token_rows, lanes, block0, None, num_loads)
     tail = builder.urem(num_blocks, _const(16))
     blocks_per_load = 2 if fmt == _FMT_Q8_0 else 4
     num_tail_loads = builder.udiv(builder.add(tail, _const(blocks_per_load - 1)), _const(blocks_per_load))
@@ -456,64 +519,109 @@ def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int) -> ir.Va
         case = builder.append_basic_block(f"tail_{num_active_loads}")
         switch.add_case(_const(num_active_loads), case)
         builder.position_at_end(case)
-        _emit_step(builder, fmt, weight_rows, token_rows, token_lanes, block0, tail, num_active_loads)
+        _emit_step(builder, fmt, vnni, weight_rows, token_rows, lanes, block0, tail, num_active_loads)
         builder.branch(done)
     builder.position_at_end(done)
-    results = [_sum_lanes_ir(builder, builder.load(lanes)) for lanes in token_lanes]
+    results = [_sum_lanes_ir(builder, builder.load(cell)) for row_lanes in lanes for cell in row_lanes]
     return context.make_tuple(builder, sig.return_type, results)
 
 
-def _make_tile_dot(fmt: int):
-    """An intrinsic (wq, wd, wm, row, xp, xd, xc, xs, tokens) -> tuple of float32, one per token in the tuple."""
+def _make_tile_dot(fmt: int, vnni: bool):
+    """An intrinsic (wq, wd, wm, rows, xp, xd, xc, xs, tokens) -> tuple of float32, one per (row, token), row-major."""
 
-    def tile_dot(typingctx, wq, wd, wm, row, xp, xd, xc, xs, tokens):
-        signature = types.UniTuple(types.float32, tokens.count)(wq, wd, wm, row, xp, xd, xc, xs, tokens)
+    def tile_dot(typingctx, wq, wd, wm, rows, xp, xd, xc, xs, tokens):
+        num_outputs = rows.count * tokens.count
+        signature = types.UniTuple(types.float32, num_outputs)(wq, wd, wm, rows, xp, xd, xc, xs, tokens)
 
         def codegen(context, builder, sig, args):
-            return _emit_tile_dot(context, builder, sig, args, fmt)
+            return _emit_tile_dot(context, builder, sig, args, fmt, vnni)
 
         return signature, codegen
 
-    tile_dot.__name__ = f"_tile_dot_{('q4_0', 'q4_1', 'q8_0')[fmt]}_vnni"
+    tile_dot.__name__ = f"_tile_dot_{('q4_0', 'q4_1', 'q8_0')[fmt]}_{'vnni' if vnni else 'simd'}"
     return intrinsic(tile_dot)
 
 
-_tile_dot_q4_0_vnni = _make_tile_dot(_FMT_Q4_0)
-_tile_dot_q4_1_vnni = _make_tile_dot(_FMT_Q4_1)
-_tile_dot_q8_0_vnni = _make_tile_dot(_FMT_Q8_0)
+# Only the functions that call the vnni intrinsics ever emit vpdpbusd, and they are compiled only when called.
+_tile_dot_q4_0_vnni = _make_tile_dot(_FMT_Q4_0, vnni=True)
+_tile_dot_q4_1_vnni = _make_tile_dot(_FMT_Q4_1, vnni=True)
+_tile_dot_q8_0_vnni = _make_tile_dot(_FMT_Q8_0, vnni=True)
+_tile_dot_q4_0_simd = _make_tile_dot(_FMT_Q4_0, vnni=False)
+_tile_dot_q4_1_simd = _make_tile_dot(_FMT_Q4_1, vnni=False)
+_tile_dot_q8_0_simd = _make_tile_dot(_FMT_Q8_0, vnni=False)
 
 
 @njit(cache=True, nogil=True)
 def _pad_activations(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, fmt: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The activation side of the VNNI step, zero-padded to whole steps of 16 blocks so no activation load is masked."""
+    """The activation side of the VNNI step, laid out to meet each 64-byte weight vector byte for byte, and zero-padded
+    to whole steps of 16 blocks so no activation load is masked.
+
+    Q4 full groups of 16 blocks: the 4 low-nibble partners of code bytes 4i..4i+3 of block l (elements 4i..4i+3) go
+    to lane l of vector 2i, the 4 high-nibble partners (elements 16+4i..16+4i+3) to lane l of vector 2i+1. Q4 tail
+    blocks: per 4 blocks their 64 low-nibble partners then their 64 high-nibble ones, matching GGUF-order codes.
+    Q8_0: natural order.
+    """
     num_tokens, num_cols = xq.shape
     num_blocks = num_cols // 32
+    num_grouped = 0 if fmt == _FMT_Q8_0 else num_blocks // 16 * 16
     padded_blocks = (num_blocks + 15) // 16 * 16
-    xp = np.zeros((num_tokens, padded_blocks * 32), np.int8)  # (num_tokens, padded K) int8, Q4: nibble-partner order
+    xp = np.zeros((num_tokens, padded_blocks * 32), np.int8)  # (num_tokens, padded K) int8, weight-matching order
     xdp = np.zeros((num_tokens, padded_blocks), np.float32)  # (num_tokens, padded K // 32) float32
     xc = np.zeros((num_tokens, padded_blocks), np.int32)  # (num_tokens, padded K // 32) int32 offset correction
     xs = np.zeros((num_tokens, padded_blocks), np.float32)  # (num_tokens, padded K // 32) float32 xd · Σq (Q4_1)
     correction = 128 if fmt == _FMT_Q8_0 else 8 if fmt == _FMT_Q4_0 else 0
     for token in range(num_tokens):
         for block in range(num_blocks):
-            start = block * 32
-            # Q8_0 keeps the natural order; Q4 puts each group of 4 blocks' low-nibble partners (elements 0..15 of each
-            # block) in 64 bytes, then their high-nibble partners (16..31) in the next 64.
-            low_start = start if fmt == _FMT_Q8_0 else block // 4 * 128 + block % 4 * 16
-            high_start = start + 16 if fmt == _FMT_Q8_0 else low_start + 64
             total = np.int32(0)
-            for j in range(16):
-                low = xq[token, start + j]
-                high = xq[token, start + 16 + j]
-                xp[token, low_start + j] = low
-                xp[token, high_start + j] = high
-                total += np.int32(low) + np.int32(high)
+            for quad in range(8):
+                if block < num_grouped:
+                    dst = block // 16 * 512 + block % 16 * 4 + quad % 4 * 128 + quad // 4 * 64
+                else:
+                    tail = block - num_grouped
+                    dst = num_grouped * 32
+                    if fmt == _FMT_Q8_0:
+                        dst += tail * 32 + quad * 4
+                    else:
+                        dst += tail // 4 * 128 + tail % 4 * 16 + quad // 4 * 64 + quad % 4 * 4
+                for i in range(4):
+                    value = xq[token, block * 32 + quad * 4 + i]
+                    xp[token, dst + i] = value
+                    total += np.int32(value)
             xdp[token, block] = xd[token, block]
             xc[token, block] = correction * total
             xs[token, block] = xd[token, block] * np.float32(xsum[token, block])
     return xp, xdp, xc, xs
+
+
+@njit(cache=True, nogil=True)
+def _tile_dot_vnni(
+    wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, rows: tuple, xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray,
+    xs: np.ndarray, tokens: tuple, fmt: int,
+) -> tuple:
+    if fmt == _FMT_Q4_0:
+        return _tile_dot_q4_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
+    if fmt == _FMT_Q4_1:
+        return _tile_dot_q4_1_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
+    return _tile_dot_q8_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
+
+
+@njit(cache=True, nogil=True)
+def _tile_dot_simd(
+    wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, rows: tuple, xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray,
+    xs: np.ndarray, tokens: tuple, fmt: int,
+) -> tuple:
+    if fmt == _FMT_Q4_0:
+        return _tile_dot_q4_0_simd(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
+    if fmt == _FMT_Q4_1:
+        return _tile_dot_q4_1_simd(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
+    return _tile_dot_q8_0_simd(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
+
+
+# The two drivers below are one loop over two tile functions (Numba cannot cache a kernel that takes a function).
+# Each prange iteration owns output rows 2·pair and 2·pair + 1 (an odd last row is both, written twice with one
+# value). Tokens inside the row loop: the two weight rows stay in L1 while every token reads them.
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -521,28 +629,42 @@ def _matmul_padded_vnni(
     xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray, xs: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
     fmt: int,
 ) -> np.ndarray:
-    num_tokens = xp.shape[0]
-    out = np.empty((num_tokens, wq.shape[0]), np.float32)  # (num_tokens, N) float32
+    num_tokens, num_rows = xp.shape[0], wq.shape[0]
+    out = np.empty((num_tokens, num_rows), np.float32)  # (num_tokens, N) float32
     num_tiled = num_tokens - num_tokens % _TOKENS_PER_TILE
-    # Tokens inside the row loop: the weight row stays in L1 while every token reads it.
-    for row in prange(wq.shape[0]):
+    for pair in prange((num_rows + 1) // 2):
+        rows = (2 * pair, min(2 * pair + 1, num_rows - 1))
         for token in range(0, num_tiled, _TOKENS_PER_TILE):
-            tile = (token, token + 1, token + 2, token + 3)
-            if fmt == _FMT_Q4_0:
-                results = _tile_dot_q4_0_vnni(wq, wd, wm, row, xp, xdp, xc, xs, tile)
-            elif fmt == _FMT_Q4_1:
-                results = _tile_dot_q4_1_vnni(wq, wd, wm, row, xp, xdp, xc, xs, tile)
-            else:
-                results = _tile_dot_q8_0_vnni(wq, wd, wm, row, xp, xdp, xc, xs, tile)
+            tile = _tile_dot_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, (token, token + 1, token + 2, token + 3), fmt)
             for i in range(_TOKENS_PER_TILE):
-                out[token + i, row] = results[i]
+                out[token + i, rows[0]] = tile[i]
+                out[token + i, rows[1]] = tile[_TOKENS_PER_TILE + i]
         for token in range(num_tiled, num_tokens):
-            if fmt == _FMT_Q4_0:
-                out[token, row] = _tile_dot_q4_0_vnni(wq, wd, wm, row, xp, xdp, xc, xs, (token,))[0]
-            elif fmt == _FMT_Q4_1:
-                out[token, row] = _tile_dot_q4_1_vnni(wq, wd, wm, row, xp, xdp, xc, xs, (token,))[0]
-            else:
-                out[token, row] = _tile_dot_q8_0_vnni(wq, wd, wm, row, xp, xdp, xc, xs, (token,))[0]
+            tile = _tile_dot_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, (token,), fmt)
+            out[token, rows[0]] = tile[0]
+            out[token, rows[1]] = tile[1]
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_padded_simd(
+    xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray, xs: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
+    fmt: int,
+) -> np.ndarray:
+    num_tokens, num_rows = xp.shape[0], wq.shape[0]
+    out = np.empty((num_tokens, num_rows), np.float32)  # (num_tokens, N) float32
+    num_tiled = num_tokens - num_tokens % _TOKENS_PER_TILE
+    for pair in prange((num_rows + 1) // 2):
+        rows = (2 * pair, min(2 * pair + 1, num_rows - 1))
+        for token in range(0, num_tiled, _TOKENS_PER_TILE):
+            tile = _tile_dot_simd(wq, wd, wm, rows, xp, xdp, xc, xs, (token, token + 1, token + 2, token + 3), fmt)
+            for i in range(_TOKENS_PER_TILE):
+                out[token + i, rows[0]] = tile[i]
+                out[token + i, rows[1]] = tile[_TOKENS_PER_TILE + i]
+        for token in range(num_tiled, num_tokens):
+            tile = _tile_dot_simd(wq, wd, wm, rows, xp, xdp, xc, xs, (token,), fmt)
+            out[token, rows[0]] = tile[0]
+            out[token, rows[1]] = tile[1]
     return out
 
 
@@ -555,49 +677,67 @@ def _matmul_vnni(
 
 
 @njit(cache=True, nogil=True)
+def _matmul_simd(
+    xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
+) -> np.ndarray:
+    xp, xdp, xc, xs = _pad_activations(xq, xd, xsum, fmt)
+    return _matmul_padded_simd(xp, xdp, xc, xs, wq, wd, wm, fmt)
+
+
+@njit(cache=True, nogil=True)
 def _quantize_matmul_vnni(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
     xq, xd, xsum = _quantize_q8_blocks(x)
     return _matmul_vnni(xq, xd, xsum, wq, wd, wm, fmt)
 
 
+@njit(cache=True, nogil=True)
+def _quantize_matmul_simd(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
+    xq, xd, xsum = _quantize_q8_blocks(x)
+    return _matmul_simd(xq, xd, xsum, wq, wd, wm, fmt)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Public wrappers: check dtype, shape and C order (cheaply: a decode step makes hundreds of calls), then call the path
-# chosen once at import.
+# chosen once at import. The private twins take every format's codes as raw uint8 bytes (Q8_0's int8 codes viewed as
+# uint8, reinterpreted inside), so each kernel compiles one signature for all three formats.
 
 
 def _select_kernel_path() -> str:
-    """'avx512_vnni' when the CPU and JIT target allow it, unless BITSERVE_KERNELS=portable forces the fallback."""
+    """'avx512_vnni' when the CPU and JIT target allow it, else 'simd'; BITSERVE_KERNELS=portable forces plain Numba."""
     requested = os.environ.get("BITSERVE_KERNELS", "auto")
     if requested not in ("auto", "portable"):
         raise ValueError(f"BITSERVE_KERNELS={requested!r}: expected 'auto' or 'portable'")
-    if requested == "auto" and detect_cpu_features().has_avx512_vnni:
-        return "avx512_vnni"
-    return "portable"
+    if requested == "portable":
+        return "portable"
+    return "avx512_vnni" if detect_cpu_features().has_avx512_vnni else "simd"
 
 
 KERNEL_PATH = _select_kernel_path()
-_MATMUL = _matmul_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_portable
-_QUANTIZE_MATMUL = _quantize_matmul_vnni if KERNEL_PATH == "avx512_vnni" else _quantize_matmul_portable
+_MATMUL = {"avx512_vnni": _matmul_vnni, "simd": _matmul_simd, "portable": _matmul_portable}[KERNEL_PATH]
+_QUANTIZE_MATMUL = {
+    "avx512_vnni": _quantize_matmul_vnni, "simd": _quantize_matmul_simd, "portable": _quantize_matmul_portable
+}[KERNEL_PATH]
 
 
-def _check(name: str, array: np.ndarray, dtype: type, shape: tuple[int, ...] | int) -> None:
+def _check(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...] | int) -> None:
     """array must be a C-contiguous ndarray of dtype with this shape (or, given an int, this many dimensions)."""
     if (
         type(array) is np.ndarray
-        and array.dtype == dtype
-        and (array.shape == shape if isinstance(shape, tuple) else array.ndim == shape)
+        and array.dtype is dtype  # identity first: builtin native dtypes are singletons, and `is` is cheapest
+        and (array.shape == shape if type(shape) is tuple else array.ndim == shape)
         and array.flags.c_contiguous
     ):
         return
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(array).__name__}")
     if array.dtype != dtype:
-        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {array.dtype}")
+        raise ValueError(f"{name} must be {dtype.name}, got {array.dtype}")
     if isinstance(shape, tuple) and array.shape != shape:
         raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
     if not isinstance(shape, tuple) and array.ndim != shape:
         raise ValueError(f"{name} must have {shape} dimensions, got shape {array.shape}")
-    raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
 
 
 def _check_in_features(in_features: int) -> None:
@@ -605,29 +745,40 @@ def _check_in_features(in_features: int) -> None:
         raise ValueError(f"in_features must be a positive multiple of {BLOCK_SIZE}, got {in_features}")
 
 
-def check_weights(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None, code_dtype: type) -> int:
+def check_weights(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None, code_dtype: np.dtype | type) -> int:
     """Checks a block-quantized weight in structure-of-arrays form (codes int8 for Q8_0, uint8 nibble pairs for Q4);
     returns in_features. Raises ValueError naming the array at fault."""
+    # Fast path in one expression: every decode step checks hundreds of weights that are almost always fine.
+    if (
+        type(wq) is np.ndarray and wq.dtype is code_dtype and wq.ndim == 2 and wq.flags.c_contiguous
+        and type(wd) is np.ndarray and wd.dtype is _FLOAT32 and wd.flags.c_contiguous
+        and (wm is None or (type(wm) is np.ndarray and wm.dtype is _FLOAT32 and wm.flags.c_contiguous
+                            and wm.shape == wd.shape))
+    ):
+        in_features = wq.shape[1] * (1 if code_dtype is _INT8 else 2)
+        if in_features > 0 and in_features % BLOCK_SIZE == 0 and wd.shape == (wq.shape[0], in_features // BLOCK_SIZE):
+            return in_features
+    code_dtype = np.dtype(code_dtype)
     _check("wq", wq, code_dtype, 2)
-    in_features = wq.shape[1] * (1 if code_dtype == np.int8 else 2)
+    in_features = wq.shape[1] * (1 if code_dtype == _INT8 else 2)
     _check_in_features(in_features)
-    _check("wd", wd, np.float32, (wq.shape[0], in_features // BLOCK_SIZE))
+    _check("wd", wd, _FLOAT32, (wq.shape[0], in_features // BLOCK_SIZE))
     if wm is not None:
-        _check("wm", wm, np.float32, wd.shape)
+        _check("wm", wm, _FLOAT32, wd.shape)
     return in_features
 
 
 def _check_activations(xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray | None, in_features: int) -> None:
-    _check("xq", xq, np.int8, 2)
+    _check("xq", xq, _INT8, 2)
     if xq.shape[1] != in_features:
         raise ValueError(f"xq has {xq.shape[1]} columns but the weight has in_features={in_features}")
-    _check("xd", xd, np.float32, (xq.shape[0], in_features // BLOCK_SIZE))
+    _check("xd", xd, _FLOAT32, (xq.shape[0], in_features // BLOCK_SIZE))
     if xsum is not None:
-        _check("xsum", xsum, np.int32, xd.shape)
+        _check("xsum", xsum, _INT32, xd.shape)
 
 
 def _check_float_input(x: np.ndarray, in_features: int) -> None:
-    _check("x", x, np.float32, 2)
+    _check("x", x, _FLOAT32, 2)
     if x.shape[1] != in_features:
         raise ValueError(f"x has {x.shape[1]} columns but the weight has in_features={in_features}")
 
@@ -643,40 +794,42 @@ def _checked_row_ids(row_ids: np.ndarray, num_rows: int) -> np.ndarray:
 
 def matmul_q4_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """y = x @ W.T for Q4_0 weights. xq (T, K) int8, xd (T, K // 32) float32 from quantize_q8_blocks; wq (N, K // 2)
-    uint8 in GGUF nibble order, wd (N, K // 32) float32 -> (T, N) float32 = Σ_b wd·xd·Σ (nibble - 8)·q."""
-    _check_activations(xq, xd, None, check_weights(wq, wd, None, np.uint8))
+    uint8 nibble pairs in kernel order (to_kernel_order), wd (N, K // 32) float32 -> (T, N) float32
+    = Σ_b wd·xd·Σ (nibble - 8)·q, summed in the fixed order described at the top of this module."""
+    _check_activations(xq, xd, None, check_weights(wq, wd, None, _UINT8))
     return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
 
 
 def matmul_q4_1(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray
 ) -> np.ndarray:
-    """y = x @ W.T for Q4_1 weights. xsum (T, K // 32) int32 = Σ xq per block, wm (N, K // 32) float32 block minimums
-    -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·q + wm·xd·xsum]."""
-    _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, np.uint8))
+    """y = x @ W.T for Q4_1 weights (wq in kernel order). xsum (T, K // 32) int32 = Σ xq per block, wm (N, K // 32)
+    float32 block minimums -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·q + wm·xd·xsum]."""
+    _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, _UINT8))
     return _MATMUL(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
 
 
 def matmul_q8_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
-    """y = x @ W.T for Q8_0 weights. wq (N, K) int8, wd (N, K // 32) float32 -> (T, N) float32 = Σ_b wd·xd·Σ w·q."""
-    _check_activations(xq, xd, None, check_weights(wq, wd, None, np.int8))
-    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q8_0)
+    """y = x @ W.T for Q8_0 weights. wq (N, K) int8 (GGUF order), wd (N, K // 32) float32 -> (T, N) float32
+    = Σ_b wd·xd·Σ w·q."""
+    _check_activations(xq, xd, None, check_weights(wq, wd, None, _INT8))
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
 
 
 def quantize_matmul_q4_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """quantize_q8_blocks(x) then matmul_q4_0, in one call (no intermediate arrays cross into Python).
     x (T, K) float32 -> (T, N) float32, the same bits as the two calls."""
-    _check_float_input(x, check_weights(wq, wd, None, np.uint8))
+    _check_float_input(x, check_weights(wq, wd, None, _UINT8))
     return _QUANTIZE_MATMUL(x, wq, wd, wd, _FMT_Q4_0)
 
 
 def quantize_matmul_q4_1(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray) -> np.ndarray:
     """quantize_q8_blocks(x) then matmul_q4_1, in one call. x (T, K) float32 -> (T, N) float32."""
-    _check_float_input(x, check_weights(wq, wd, wm, np.uint8))
+    _check_float_input(x, check_weights(wq, wd, wm, _UINT8))
     return _QUANTIZE_MATMUL(x, wq, wd, wm, _FMT_Q4_1)
 
 
 def quantize_matmul_q8_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """quantize_q8_blocks(x) then matmul_q8_0, in one call. x (T, K) float32 -> (T, N) float32."""
-    _check_float_input(x, check_weights(wq, wd, None, np.int8))
-    return _QUANTIZE_MATMUL(x, wq, wd, wd, _FMT_Q8_0)
+    _check_float_input(x, check_weights(wq, wd, None, _INT8))
+    return _QUANTIZE_MATMUL(x, wq.view(np.uint8), wd, wd, _FMT_Q8_0)

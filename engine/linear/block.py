@@ -22,6 +22,8 @@ class BlockQuantLinear:
     """
 
     def __init__(self, ggml_type: GGMLType, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None = None) -> None:
+        """wq, wd, wm: the structure-of-arrays blocks described below (Q4 codes already in kernel order)."""
+        ggml_type = GGMLType(ggml_type)
         if ggml_type not in SUPPORTED_TYPES:
             raise ValueError(f"BlockQuantLinear supports {[t.name for t in SUPPORTED_TYPES]}, got {ggml_type!r}")
         if (wm is not None) != (ggml_type == GGMLType.Q4_1):
@@ -30,8 +32,10 @@ class BlockQuantLinear:
         self.in_features = blockq.check_weights(wq, wd, wm, code_dtype)
         self.out_features = wq.shape[0]
         self.ggml_type = ggml_type
-        # (out_features, in_features // 2) uint8 for Q4 in GGUF nibble order (element j of a block in the low nibble
-        # of byte j, element j + 16 in the high one); (out_features, in_features) int8 for Q8_0.
+        # (out_features, in_features // 2) uint8 for Q4 (element j of a block in the low nibble of code byte j,
+        # element j + 16 in the high one), in the kernels' order (blockq.to_kernel_order: 16-block groups interleaved
+        # 4 bytes at a time), not the file's. (out_features, in_features) int8 for Q8_0, in GGUF order: the
+        # 16-bit-activation head (engine.linear.head) reads these codes directly.
         self.wq = wq
         self.wd = wd  # (out_features, in_features // 32) float32: fp16 block scales, widened
         self.wm = wm  # (out_features, in_features // 32) float32: Q4_1 fp16 block minimums, widened; else None
@@ -54,8 +58,10 @@ class BlockQuantLinear:
         blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], num_blocks, block_bytes)  # (N, K // 32, bytes) uint8
         wd = _fp16_field(blocks, 0)
         wm = _fp16_field(blocks, 2) if ggml_type == GGMLType.Q4_1 else None
-        codes = np.ascontiguousarray(blocks[:, :, _CODES_OFFSET[ggml_type]:]).reshape(raw.shape[0], -1)
-        wq = codes.view(np.int8) if ggml_type == GGMLType.Q8_0 else codes
+        codes_offset = _CODES_OFFSET[ggml_type]
+        codes = np.ascontiguousarray(blocks[:, :, codes_offset:])  # (N, K // 32, code bytes) uint8
+        codes = codes.reshape(raw.shape[0], num_blocks * (block_bytes - codes_offset))
+        wq = codes.view(np.int8) if ggml_type == GGMLType.Q8_0 else blockq.to_kernel_order(codes)
         for name, scales in (("scale", wd), ("min", wm)):
             if scales is not None and not np.isfinite(scales).all():
                 row = int(np.nonzero(~np.isfinite(scales).all(axis=1))[0][0])
@@ -68,9 +74,11 @@ class BlockQuantLinear:
         ggml_type = GGMLType(ggml_type)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if ggml_type == GGMLType.Q4_0:
-            return cls(ggml_type, *blockq.quantize_q4_0(w))
+            wq, wd = blockq.quantize_q4_0(w)
+            return cls(ggml_type, blockq.to_kernel_order(wq), wd)
         if ggml_type == GGMLType.Q4_1:
-            return cls(ggml_type, *blockq.quantize_q4_1(w))
+            wq, wd, wm = blockq.quantize_q4_1(w)
+            return cls(ggml_type, blockq.to_kernel_order(wq), wd, wm)
         if ggml_type == GGMLType.Q8_0:
             return cls(ggml_type, *blockq.quantize_q8_0(w))
         raise ValueError(f"BlockQuantLinear supports {[t.name for t in SUPPORTED_TYPES]}, got {ggml_type.name}")
@@ -81,8 +89,9 @@ class BlockQuantLinear:
         fields = [self.wd.astype("<f2").view(np.uint8).reshape(num_rows, num_blocks, 2)]
         if self.wm is not None:
             fields.append(self.wm.astype("<f2").view(np.uint8).reshape(num_rows, num_blocks, 2))
-        fields.append(self.wq.view(np.uint8).reshape(num_rows, num_blocks, -1))
-        return np.concatenate(fields, axis=2).reshape(num_rows, -1)
+        codes = self.wq.view(np.uint8) if self.ggml_type == GGMLType.Q8_0 else blockq.to_gguf_order(self.wq)
+        fields.append(codes.reshape(num_rows, num_blocks, self.wq.shape[1] // num_blocks))
+        return np.concatenate(fields, axis=2).reshape(num_rows, num_blocks * BLOCK_GEOMETRY[self.ggml_type][1])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: (num_tokens, in_features) float32, C-contiguous -> (num_tokens, out_features) float32."""
