@@ -36,6 +36,9 @@ class LayerWeights:
     down_proj: Linear  # (hidden_size, intermediate_size)
     attn_sub_norm: np.ndarray | None = None  # (hidden_size,) float32; BitNet only, before o_proj
     ffn_sub_norm: np.ndarray | None = None  # (intermediate_size,) float32; BitNet only, before down_proj
+    # Fused forms sharing memory with the matrices above (engine/linear/fuse.py): one matmul instead of three / two.
+    qkv_proj: Linear | None = None  # (q rows | k rows | v rows, hidden_size)
+    gate_up_proj: Linear | None = None  # (gate rows | up rows, hidden_size)
 
 
 @dataclass

@@ -26,9 +26,12 @@ class TernaryLinear:
     """
 
     def __init__(self, codes: np.ndarray, in_features: int, weight_scale: float | None = None,
-                 block_scales: np.ndarray | None = None) -> None:
-        if (weight_scale is None) == (block_scales is None):
-            raise ValueError("TernaryLinear: give exactly one of weight_scale (per tensor) or block_scales (per block)")
+                 block_scales: np.ndarray | None = None, row_scales: np.ndarray | None = None) -> None:
+        if sum(scale is not None for scale in (weight_scale, block_scales, row_scales)) != 1:
+            raise ValueError("TernaryLinear: give exactly one of weight_scale (per tensor), block_scales (per block) "
+                             "or row_scales (per row, for matrices fused from several tensors)")
+        if row_scales is not None and row_scales.shape != (codes.shape[0],):
+            raise ValueError(f"TernaryLinear: row_scales must be ({codes.shape[0]},), got {row_scales.shape}")
         padded_k = padded_in_features(in_features)
         if codes.ndim != 2 or codes.dtype != np.uint8 or codes.shape[1] != padded_k // 4:
             raise ValueError(f"TernaryLinear: codes must be (out_features, {padded_k // 4}) uint8 for "
@@ -43,6 +46,8 @@ class TernaryLinear:
         self.weight_scale = None if weight_scale is None else np.float32(weight_scale)
         # (out_features, padded_k // 256) float32, or None for a per-tensor scale
         self.block_scales = None if block_scales is None else np.ascontiguousarray(block_scales, dtype=np.float32)
+        # (out_features,) float32 or None: the per-tensor scales of fused matrices (q|k|v, gate|up), row by row
+        self.row_scales = None if row_scales is None else np.ascontiguousarray(row_scales, dtype=np.float32)
 
     @classmethod
     def from_ternary(cls, ternary: np.ndarray, weight_scale: float | None = None,
@@ -60,6 +65,11 @@ class TernaryLinear:
             sums /= x_scale[:, None]
             return sums
         int_sums = matmul_ternary(xq, act_sum, self.codes)  # (T, N) int32, exact Σ T·q
+        if self.row_scales is not None:
+            y = int_sums.astype(np.float32)  # (T, N) float32, exact while |Σ T·q| < 2^24
+            y *= self.row_scales[None, :]
+            y *= (np.float32(1.0) / x_scale)[:, None]
+            return y
         # The reference is (xq / s) @ T.T · weight_scale = Σ T·q · (weight_scale / s). Forming the per-token factor in
         # float64 and rounding it once leaves two float32 roundings in all: within 1 ulp of the exact value, closer
         # than the reference's own float32 dot product.
@@ -78,6 +88,8 @@ class TernaryLinear:
             raise IndexError(f"TernaryLinear.dequantize_rows: row ids must lie in [0, {self.out_features}), "
                              f"got [{row_ids.min()}, {row_ids.max()}]")
         ternary = unpack_ternary(self.codes[row_ids], self.in_features)  # (num_rows, in_features) int8
+        if self.row_scales is not None:
+            return ternary.astype(np.float32) * self.row_scales[row_ids, None]
         if self.block_scales is None:
             return ternary.astype(np.float32) * self.weight_scale
         # (num_rows, in_features) float32: each block's scale repeated over its 256 weights
@@ -87,5 +99,6 @@ class TernaryLinear:
     @property
     def num_bytes(self) -> int:
         """Codes plus scales: 2 bits per weight (padded to 256 per row) and 4 bytes per scale."""
-        scale_bytes = self.weight_scale.nbytes if self.block_scales is None else self.block_scales.nbytes
+        scales = next(scale for scale in (self.row_scales, self.block_scales, self.weight_scale) if scale is not None)
+        scale_bytes = scales.nbytes
         return self.codes.nbytes + scale_bytes
