@@ -1,4 +1,4 @@
-"""Frozen engine configuration: model shape (ModelArgs). Built once at load, never mutated."""
+"""Frozen engine configuration: model shape (ModelArgs), scheduling and KV cache. Built once, never mutated."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Architecture = Literal["bitnet", "llama"]
+# KV cache storage (engine/kernels/kv_quant.py): fp32 is exact and serves logits(); the others are served.
+KVCacheDType = Literal["fp32", "fp16", "int8", "q4", "q3"]
+KV_CACHE_DTYPES: tuple[KVCacheDType, ...] = ("fp32", "fp16", "int8", "q4", "q3")
+# The lowest bit width whose perplexity stays within 1% of fp16 (bench/kv_quality.py on the default model: q4 +0.4%
+# on GPL-3's first 4096 tokens; q3 +2.3% misses).
+DEFAULT_KV_CACHE_DTYPE: KVCacheDType = "q4"
 Activation = Literal["relu2", "silu"]
 
 
@@ -71,9 +77,20 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     num_bytes: int = 512 * 1024 * 1024  # size of the KV block pool
+    dtype: KVCacheDType = DEFAULT_KV_CACHE_DTYPE  # how keys and values are stored
     block_size: int = 16  # tokens per block
+    memory_fraction: float = 0.0  # > 0: size the pool as this fraction of the memory available at start instead
+    enable_prefix_caching: bool = True  # requests starting with the same full blocks of tokens share them
+    window_tokens: int | None = None  # exact (fp16) window per sequence; None: the mode's own (engine/kv_cache.py)
 
     def __post_init__(self) -> None:
         if self.num_bytes < 1 or self.block_size < 1:
             raise ValueError(f"CacheConfig needs positive num_bytes and block_size, got {self.num_bytes}, "
                              f"{self.block_size}")
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"CacheConfig.dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.dtype!r}")
+        if self.window_tokens is not None and (self.window_tokens < 0 or self.window_tokens % self.block_size):
+            raise ValueError(f"CacheConfig.window_tokens must be a non-negative multiple of block_size "
+                             f"({self.block_size}), got {self.window_tokens}")
+        if not 0.0 <= self.memory_fraction < 1.0:
+            raise ValueError(f"CacheConfig.memory_fraction must lie in [0, 1), got {self.memory_fraction}")

@@ -40,13 +40,14 @@ class StepStats:
     duration_s: float = 0.0
     num_batched_tokens: int = 0
     num_seqs: int = 0  # sequences in the forward batch
-    num_prompt_tokens: int = 0  # prompt tokens computed this step (recomputes after preemption included)
+    num_prompt_tokens: int = 0  # prompt tokens of requests whose prefill completed this step (cached ones included)
     num_generated_tokens: int = 0
     num_running: int = 0
     num_waiting: int = 0
     num_preempted: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_bytes_used: int = 0  # blocks and window buffers held by sequences
     time_to_first_token_s: list[float] = field(default_factory=list)
     inter_token_latency_s: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
@@ -55,7 +56,7 @@ class StepStats:
 class LLMEngine:
     def __init__(self, model: LoadedModel, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
         self.model = model
-        self.cache = KVCache.from_bytes(model.args, cache_config.num_bytes, cache_config.block_size)
+        self.cache = KVCache.from_config(model.args, cache_config, scheduler_config.max_num_seqs)
         self.scheduler = Scheduler(scheduler_config, self.cache)
         self.requests: dict[str, Request] = {}
         self._last_token_s: dict[str, float] = {}  # request id -> when its latest token was sampled
@@ -73,7 +74,7 @@ class LLMEngine:
             raise RequestRejectedError(
                 f"this model's maximum context length is {context} tokens; the request has {num_prompt_tokens} "
                 f"prompt tokens and asks for {max_tokens} more ({total} in all). Shorten the prompt or max_tokens.")
-        capacity = self.cache.num_blocks * self.cache.block_size
+        capacity = self.cache.capacity_tokens
         if total > capacity:
             raise RequestRejectedError(f"the request needs {total} tokens of KV cache, but the whole cache holds "
                                        f"{capacity}; raise --kv-cache-bytes")
@@ -124,6 +125,7 @@ class LLMEngine:
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_blocks_used = self.cache.num_used_blocks
         stats.kv_blocks_total = self.cache.num_blocks
+        stats.kv_bytes_used = self.cache.num_used_bytes
         stats.finished, self._finished = self._finished, []
         return stats
 
@@ -143,18 +145,20 @@ class LLMEngine:
             offset += num_new
             if first + num_new == request.num_tokens:  # the chunk reaches the newest token: sample after it
                 logits_rows.append(offset - 1)
-        batch = ForwardBatch(token_ids, positions, seq_index,
-                             self.cache.block_tables([id(request) for request, _ in plan.scheduled]),
-                             np.asarray(logits_rows, dtype=np.int64))
+        seq_ids = [id(request) for request, _ in plan.scheduled]
+        batch = ForwardBatch(token_ids, positions, seq_index, self.cache.block_tables(seq_ids),
+                             np.asarray(logits_rows, dtype=np.int64), self.cache.window_slots(seq_ids))
         return self.model.transformer.forward(batch, self.cache)
 
     def _update_from_output(self, plan: SchedulerOutput, logits: np.ndarray, stats: StepStats) -> None:
         now = time.monotonic()
         sampled_row = 0
         for request, num_new in plan.scheduled:
-            if not request.output_ids:  # first prefill; a recompute after preemption is not new prompt traffic
-                stats.num_prompt_tokens += min(num_new, len(request.prompt_ids) - request.num_computed_tokens)
             request.num_computed_tokens += num_new
+            if not request.output_ids and request.num_computed_tokens == request.num_tokens:
+                # The whole prompt once, when its prefill completes: tokens reused from the prefix cache count too,
+                # and a recompute after preemption (output_ids not empty) is not new prompt traffic.
+                stats.num_prompt_tokens += len(request.prompt_ids)
             if request.num_computed_tokens < request.num_tokens:
                 continue  # a prefill chunk that did not reach the end of the prompt yet
             token_id, logprob, top = request.sampler.sample(logits[sampled_row], request.output_counts)

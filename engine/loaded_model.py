@@ -10,15 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
+from engine.config import DEFAULT_KV_CACHE_DTYPE, KVCacheDType
+from engine.kv_cache import KVCache
 from engine.model import ForwardBatch, Transformer
 from engine.tokenizer import Tokenizer
 from engine.weights import ModelWeights
 
 
 class LoadedModel:
-    def __init__(self, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path | None = None) -> None:
+    def __init__(self, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path | None = None,
+                 kv_cache_dtype: KVCacheDType = DEFAULT_KV_CACHE_DTYPE) -> None:
         self.weights = weights
+        self.kv_cache_dtype = kv_cache_dtype  # what generate() stores keys and values as, like the served engine
         self.args = weights.args
         self.transformer = Transformer(weights)
         self.tokenizer = tokenizer
@@ -38,10 +41,11 @@ class LoadedModel:
             ids.update(self.tokenizer.eos_token_ids)
         return tuple(sorted(ids))
 
-    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """One forward pass over the whole sequence, no cache reuse -> (len, vocab_size) float32 logits."""
+    def logits(self, token_ids: Sequence[int] | np.ndarray, kv_cache_dtype: KVCacheDType = "fp32") -> np.ndarray:
+        """One forward pass over the whole sequence, no cache reuse -> (len, vocab_size) float32 logits.
+        Keys and values are exact float32 unless `kv_cache_dtype` says otherwise (what a served request would see)."""
         ids = self._check_ids(token_ids)
-        cache = self._cache_for(len(ids))
+        cache = KVCache.for_tokens(self.args, len(ids), kv_cache_dtype)
         cache.allocate(0, len(ids))
         return self.transformer.forward(self._batch(ids, 0, cache, all_logits=True), cache)
 
@@ -59,7 +63,7 @@ class LoadedModel:
         if total > self.args.max_position_embeddings:
             raise ValueError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the context length "
                              f"{self.args.max_position_embeddings}")
-        cache = self._cache_for(total)
+        cache = KVCache.for_tokens(self.args, total, self.kv_cache_dtype)
         cache.allocate(0, total)
         step_ids, start = ids, 0
         for _ in range(max_new_tokens):
@@ -81,9 +85,6 @@ class LoadedModel:
             raise ValueError(f"{ids.size} tokens exceed the context length {self.args.max_position_embeddings}")
         return ids
 
-    def _cache_for(self, num_tokens: int) -> KVCache:
-        return KVCache(self.args, num_blocks=-(-num_tokens // DEFAULT_BLOCK_SIZE))
-
     @staticmethod
     def _batch(ids: np.ndarray, start: int, cache: KVCache, all_logits: bool) -> ForwardBatch:
         num_tokens = len(ids)
@@ -92,5 +93,6 @@ class LoadedModel:
             positions=np.arange(start, start + num_tokens, dtype=np.int32),
             seq_index=np.zeros(num_tokens, dtype=np.int32),
             block_tables=cache.block_tables([0]),
+            window_slots=cache.window_slots([0]),
             logits_rows=np.arange(num_tokens) if all_logits else np.array([num_tokens - 1]),
         )

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import ModelArgs
-from engine.kernels.attention import paged_attention, write_kv
+from engine.kernels.attention import AttentionPlan, paged_attention, plan_attention
+from engine.kernels.kv_quant import store_window, write_kv
 from engine.kv_cache import KVCache
 from engine.weights import LayerWeights, ModelWeights
 
@@ -22,6 +23,7 @@ class ForwardBatch:
     seq_index: np.ndarray  # (num_tokens,) int32, row of block_tables that each token belongs to
     block_tables: np.ndarray  # (num_seqs, max_blocks) int32, from KVCache.block_tables
     logits_rows: np.ndarray  # (num_logits,) int64, token rows whose next-token logits are wanted
+    window_slots: np.ndarray  # (num_seqs,) int32, from KVCache.window_slots (same sequences, same order)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -60,15 +62,16 @@ class Transformer:
             raise ValueError(f"position {int(batch.positions.max())} exceeds the model's context length "
                              f"{self.args.max_position_embeddings}")
         hidden = self.weights.embedding(batch.token_ids)  # (num_tokens, hidden_size) float32
+        plan = plan_attention(batch.seq_index, batch.positions, cache.layout)
         for layer_index, layer in enumerate(self.weights.layers):
-            hidden = self._layer(layer, layer_index, hidden, batch, cache)
+            hidden = self._layer(layer, layer_index, hidden, batch, cache, plan)
         if batch.logits_rows.size == 0:  # a step of prefill chunks only: nothing to sample yet
             return np.empty((0, self.args.vocab_size), dtype=np.float32)
         hidden = rms_norm(hidden[batch.logits_rows], self.weights.final_norm, self.args.rms_norm_eps)
         return self.weights.lm_head(np.ascontiguousarray(hidden))
 
     def _layer(self, layer: LayerWeights, layer_index: int, hidden: np.ndarray, batch: ForwardBatch,
-               cache: KVCache) -> np.ndarray:
+               cache: KVCache, plan: AttentionPlan) -> np.ndarray:
         args = self.args
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, layer.attn_norm, args.rms_norm_eps)
@@ -77,9 +80,13 @@ class Transformer:
         v = layer.v_proj(x).reshape(num_tokens, args.num_kv_heads, args.head_dim)
         q = self.rope(q, batch.positions)
         k = self.rope(k, batch.positions)
-        k_cache, v_cache = cache.k[layer_index], cache.v[layer_index]
-        write_kv(k, np.ascontiguousarray(v), k_cache, v_cache, batch.block_tables, batch.seq_index, batch.positions)
-        attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_index, batch.positions)
+        pool, window = cache.pool[layer_index], cache.window[layer_index]  # this layer's blocks and window buffers
+        exact = write_kv(k, np.ascontiguousarray(v), pool, cache.layout, batch.block_tables, batch.seq_index,
+                         batch.positions)
+        attn = paged_attention(q, exact, pool, window, cache.layout, batch.block_tables, batch.seq_index,
+                               batch.positions, batch.window_slots, plan)
+        store_window(exact, window, cache.layout, batch.seq_index, batch.positions, batch.window_slots,
+                     plan.window_starts)
         attn = attn.reshape(num_tokens, args.num_heads * args.head_dim)
         if layer.attn_sub_norm is not None:
             attn = rms_norm(attn, layer.attn_sub_norm, args.rms_norm_eps)

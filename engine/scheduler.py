@@ -1,7 +1,8 @@
 """Continuous batching: which tokens of which requests the next engine step computes (vLLM v1's shape).
 
 Each request only tracks num_computed_tokens, so a prefill chunk and a decode token are the same thing: the next
-tokens whose K/V are not cached yet. Engine thread only.
+tokens whose K/V are not cached yet. A request admitted with the same leading tokens as blocks already computed
+(a shared system prompt, or its own tokens before a preemption) starts from those blocks. Engine thread only.
 """
 
 from __future__ import annotations
@@ -45,10 +46,17 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Free a request's blocks, leaving the full blocks it computed matchable by later requests."""
+        self.cache.register_computed(id(request), request.num_computed_tokens, request.token_at)
         self.cache.free(id(request))
 
     def schedule(self) -> SchedulerOutput:
         now = time.monotonic()
+        for request in self.running:  # the previous step's tokens are computed now: share their full blocks
+            self.cache.register_computed(id(request), request.num_computed_tokens, request.token_at)
         expired = [r for r in (*self.running, *self.waiting) if r.deadline_s is not None and now > r.deadline_s]
         for request in expired:
             self.finish(request, FinishReason.ABORT)
@@ -69,12 +77,14 @@ class Scheduler:
                 budget -= num_new
         # Admit waiting requests while there is budget, a free slot and cache room; never overtake the head.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
-            request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self.cache.blocks_needed(id(request), request.num_computed_tokens + num_new) > \
-                    self.cache.num_free_blocks:
+            request = self.waiting[0]  # num_computed_tokens is 0: new, or preempted and freed
+            prefix = self.cache.match_prefix(request.prompt_ids + request.output_ids)
+            num_cached = self.cache.tokens_in(len(prefix))
+            num_new = min(request.num_tokens - num_cached, budget)
+            if self.cache.blocks_needed(id(request), num_cached + num_new, prefix) > self.cache.num_free_blocks:
                 break
-            self.cache.allocate(id(request), request.num_computed_tokens + num_new)
+            self.cache.allocate(id(request), num_cached + num_new, prefix)
+            request.num_computed_tokens = num_cached
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_s is None:
@@ -96,7 +106,7 @@ class Scheduler:
         refunded = 0
         while self.cache.blocks_needed(id(request), total) > self.cache.num_free_blocks:
             victim = self.running.pop()
-            self.cache.free(id(victim))
+            self._release(victim)
             victim.num_computed_tokens = 0
             victim.status = RequestStatus.WAITING
             self.waiting.appendleft(victim)

@@ -6,16 +6,18 @@ from __future__ import annotations
 import sys
 import time
 
-from engine.config import ModelArgs
+from engine.config import KV_CACHE_DTYPES, ModelArgs
 from engine.formats.ggml import GGMLType
 from engine.linear.head import with_precise_head
 from engine.loaded_model import LoadedModel
 from engine.random_model import random_model
 from engine.weights import ModelWeights
 
-# Small shapes that still take every kernel path: in_features past one 256-weight block, GQA, several tokens.
+# Small shapes that still take every kernel path: in_features past one 256-weight block, GQA, several tokens, and a
+# head_dim (64) that every KV cache mode stores.
 _WARMUP_ARGS = ModelArgs(architecture="bitnet", hidden_size=320, num_layers=1, num_heads=4, num_kv_heads=2,
-                         intermediate_size=640, vocab_size=256, max_position_embeddings=64, hidden_act="relu2")
+                         intermediate_size=640, vocab_size=256, max_position_embeddings=64, hidden_act="relu2",
+                         head_dim=64)
 
 
 def warmup_weights() -> list[ModelWeights]:
@@ -34,6 +36,8 @@ def main() -> int:
     for weights in warmup_weights():
         # A 5-token prefill (GEMM paths) then single-token decodes (GEMV paths).
         LoadedModel(with_precise_head(weights), tokenizer=None).generate([1, 2, 3, 4, 5], max_new_tokens=3)
+    for dtype in KV_CACHE_DTYPES:  # the KV kernels take every mode's branches at run time; run each once anyway
+        LoadedModel(weights, tokenizer=None, kv_cache_dtype=dtype).generate([1, 2, 3, 4, 5], max_new_tokens=3)
     print(f"kernels compiled and cached in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -56,7 +57,7 @@ def create_app(settings: ServerSettings, model_path: Path) -> FastAPI:
     registry = ModelRegistry(
         metrics,
         SchedulerConfig(settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue),
-        CacheConfig(settings.kv_cache_bytes),
+        CacheConfig(settings.kv_cache_bytes, settings.kv_cache_dtype),
     )
     state = AppState(settings, registry, metrics)
 
@@ -109,6 +110,13 @@ def run_server(settings: ServerSettings) -> int:
     configure_threads(settings.threads)
     model_path = resolve_model_path(settings.model, settings.models_dir)
     app = create_app(settings, model_path)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 5)
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM is a requested stop: exit 0. uvicorn handles it while serving (it drains, then raises the signal
+    again for the handler it replaced, this one), so the process does not die of the signal with status 143."""
+    raise SystemExit(0)

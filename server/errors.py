@@ -105,6 +105,46 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
     app.add_exception_handler(Exception, _handle_unexpected_error)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)
+    _document_errors(app)
+
+
+# What every error response carries, for /openapi.json.
+_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "ErrorResponse",
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Make /openapi.json describe the errors these handlers send: an OpenAI error body under any 4xx or 5xx status,
+    and no FastAPI 422 (invalid requests answer 400). Clients and schema-driven fuzzers rely on the description."""
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build_openapi()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        components["ErrorResponse"] = _ERROR_SCHEMA
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses["4XX"] = {"description": "The request was refused", **error}
+                responses["5XX"] = {"description": "The server could not answer", **error}
+        return schema
+
+    app.openapi = openapi
 
 
 async def _handle_api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
@@ -32,6 +33,12 @@ MAX_STOP_SEQUENCES = 4
 MAX_COMPLETION_LOGPROBS = 5
 # No context is this long; the bound keeps absurd values away from the engine's integer arithmetic.
 MAX_TOKENS_LIMIT = 2**31 - 1
+# No vocabulary is this large either.
+MAX_TOKEN_ID = 2**31 - 1
+# The sampler scales float32 logits by 1 / temperature and divides them by the repetition penalty. Below these bounds
+# that overflows to inf and the probabilities turn NaN; a temperature this small samples greedily anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 1e-6
 # OpenAI's legacy /v1/completions default when max_tokens is absent.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -83,6 +90,25 @@ def _check_response_format(kind: Any) -> Any:
     return kind
 
 
+# JSON Schema of what a field's validators accept where the Python type says less (a string for a list, the
+# "developer" role) or more (an empty list): /openapi.json then describes requests the server takes.
+_TEXT_PART_SCHEMA = {"type": "object", "required": ["type", "text"],
+                     "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_CONTENT_SCHEMA = WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART_SCHEMA}]})
+_ROLE_SCHEMA = WithJsonSchema({"enum": ["system", "developer", "user", "assistant"]})
+_STOP_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "maxItems": MAX_STOP_SEQUENCES, "items": {"type": "string", "minLength": 1}}]})
+_TOKEN_IDS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string", "minLength": 1}, _TOKEN_IDS_SCHEMA,
+    {"type": "array", "minItems": 1, "maxItems": 1,
+     "items": {"anyOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS_SCHEMA]}}]})
+_NULL_SCHEMA = WithJsonSchema({"type": "null"})
+_TOOL_CHOICE_SCHEMA = WithJsonSchema({"enum": ["none", "auto"]})
+_EMPTY_LIST = {"maxItems": 0}  # a feature this server does not have: only an empty list is accepted
+
+
 class _Request(BaseModel):
     # strict: "1" is not a number and 0 is not a boolean, as in OpenAI's own validation.
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -94,11 +120,12 @@ class TextContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Annotated[Literal["system", "user", "assistant"], BeforeValidator(_check_role)]  # "developer" -> "system"
-    content: Annotated[list[TextContentPart], BeforeValidator(_text_to_parts)]
+    # "developer" -> "system"
+    role: Annotated[Literal["system", "user", "assistant"], BeforeValidator(_check_role), _ROLE_SCHEMA]
+    content: Annotated[list[TextContentPart], BeforeValidator(_text_to_parts), _CONTENT_SCHEMA]
     name: str | None = None
-    tool_calls: list[Any] | None = None
-    function_call: Any = None
+    tool_calls: list[Any] | None = Field(None, json_schema_extra=_EMPTY_LIST)
+    function_call: Annotated[Any, _NULL_SCHEMA] = None
 
     @field_validator("tool_calls", "function_call")
     @classmethod
@@ -133,13 +160,14 @@ class _SamplingRequest(_Request):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0  # extension: 0 disables
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # extension: 0 disables
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0  # extension: 1 disables
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10.0)] = 1.0  # extension: 1 disables
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
-    stop: Annotated[list[str], BeforeValidator(_str_to_list)] = Field(default_factory=list)
+    stop: Annotated[list[str], BeforeValidator(_str_to_list), _STOP_SCHEMA] = Field(default_factory=list)
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(default_factory=dict)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,9}$"}})
     ignore_eos: bool = False  # extension for benchmarks: generate exactly max_tokens
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -164,8 +192,10 @@ class _SamplingRequest(_Request):
     @classmethod
     def _check_logit_bias(cls, logit_bias: dict[str, float]) -> dict[str, float]:
         for token in logit_bias:
-            if not (token.isascii() and token.isdigit()):
-                raise _error("invalid_value", "logit_bias keys must be token ids written as decimal strings")
+            # Bounded before int(): the engine keeps token ids in int64 arrays.
+            if not (token.isascii() and token.isdigit() and len(token) <= 10 and int(token) <= MAX_TOKEN_ID):
+                raise _error("invalid_value", "logit_bias keys must be token ids written as decimal strings, "
+                             "at most {limit}", limit=MAX_TOKEN_ID)
         return logit_bias
 
     @model_validator(mode="after")
@@ -181,8 +211,9 @@ class _SamplingRequest(_Request):
 
     def _sampling_params(self, max_tokens: int, top_logprobs: int | None) -> SamplingParams:
         """`top_logprobs` None: no logprobs at all; k: the sampled token's logprob and the k most likely tokens'."""
+        temperature = self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
+            temperature=temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
             max_tokens=max_tokens, stop=tuple(self.stop), presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             logit_bias=tuple(sorted((int(token), bias) for token, bias in self.logit_bias.items())),
@@ -191,16 +222,16 @@ class _SamplingRequest(_Request):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_tokens: MaxTokens | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Any] = Field(default_factory=list)
-    functions: list[Any] = Field(default_factory=list)
-    tool_choice: Any = None
-    function_call: Any = None
+    tools: list[Any] = Field(default_factory=list, json_schema_extra=_EMPTY_LIST)
+    functions: list[Any] = Field(default_factory=list, json_schema_extra=_EMPTY_LIST)
+    tool_choice: Annotated[Any, _TOOL_CHOICE_SCHEMA] = None
+    function_call: Annotated[Any, _TOOL_CHOICE_SCHEMA] = None
 
     @field_validator("messages")
     @classmethod
@@ -265,11 +296,11 @@ def _check_prompt(prompt: Any) -> Any:
 class CompletionRequest(_SamplingRequest):
     """Legacy /v1/completions: one prompt (text or token ids), no echo, suffix or best_of ranking."""
 
-    prompt: Annotated[str | list[int], BeforeValidator(_check_prompt)]
+    prompt: Annotated[str | list[int], BeforeValidator(_check_prompt), _PROMPT_SCHEMA]
     max_tokens: MaxTokens | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
-    echo: bool = False
-    suffix: str | None = None
+    echo: bool = Field(False, json_schema_extra={"enum": [False]})
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
 
     @field_validator("echo")

@@ -25,7 +25,8 @@ PROMPTS = [[1, 2, 3], list(range(10, 50)), [7] * 19, list(range(300, 333))]
 @pytest.fixture(scope="module")
 def model(fixtures_dir: Path) -> LoadedModel:
     tokenizer = Tokenizer.from_hf_dir(fixtures_dir / "smollm2" / "tokenizer")
-    return LoadedModel(random_model(TINY, seed=1), tokenizer)
+    # Exact float32 keys and values, so cache sizes below are in fp32 blocks; tests/test_kv_cache.py runs every mode.
+    return LoadedModel(random_model(TINY, seed=1), tokenizer, kv_cache_dtype="fp32")
 
 
 def _request(model: LoadedModel, index: int, prompt: list[int], outputs: dict[str, list[RequestOutput]],
@@ -52,7 +53,7 @@ def _tokens(outputs: list[RequestOutput]) -> list[int]:
 
 
 def _engine(model: LoadedModel, num_bytes: int = 64 << 20, max_num_seqs: int = 8, budget: int = 256) -> LLMEngine:
-    return LLMEngine(model, SchedulerConfig(max_num_seqs, budget, 64), CacheConfig(num_bytes, block_size=16))
+    return LLMEngine(model, SchedulerConfig(max_num_seqs, budget, 64), CacheConfig(num_bytes, "fp32", block_size=16))
 
 
 def test_batched_greedy_equals_single_sequence_generate(model: LoadedModel) -> None:

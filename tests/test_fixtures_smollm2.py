@@ -49,6 +49,11 @@ def test_chat_prompt_renders_to_reference_ids(smollm2: LoadedModel, fixtures_dir
 
 def test_greedy_reply_is_sensible(smollm2: LoadedModel, fixtures_dir: Path) -> None:
     case = json.loads((fixtures_dir / "smollm2" / "prompt0.json").read_text())
-    ids = smollm2.generate(case["prompt_ids"], max_new_tokens=16, stop_token_ids=smollm2.eos_token_ids)
-    reply = smollm2.tokenizer.decode(ids, skip_special_tokens=True)
+    reference = np.load(fixtures_dir / "smollm2" / "prompt0.npz")
+    # The first reference step is a near tie ("The" over "L", margin 0.08): it flips with any rounding change
+    # (exact float64 attention picks "L"), so the reply starts from the reference's first token.
+    assert reference["greedy_margins"][0] < MARGIN_THRESHOLD
+    first = int(reference["greedy_ids"][0])
+    ids = smollm2.generate([*case["prompt_ids"], first], max_new_tokens=16, stop_token_ids=smollm2.eos_token_ids)
+    reply = smollm2.tokenizer.decode([first, *ids], skip_special_tokens=True)
     assert "Paris" in reply, reply

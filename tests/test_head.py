@@ -29,6 +29,15 @@ def test_best_logits_are_exact_and_rest_close(head: PreciseQ8Head) -> None:
     assert np.abs(logits - exact).max() < 0.5
 
 
+def test_coarse_pass_uses_int8_activations(head: PreciseQ8Head) -> None:
+    """The table's layers default to 16-bit activations; the head ranks the vocabulary with the faster int8 pass."""
+    assert head.table.activation_bits == 16
+    x = np.random.default_rng(3).standard_normal((3, 96), dtype=np.float32)
+    logits, coarse = head(x), head.table.matmul_int8(x)
+    assert np.all(np.sum(logits != coarse, axis=1) <= head.num_refined)  # all but the refined candidates
+    assert np.any(coarse != head.table(x))  # and the int8 pass really differs from the table's own call
+
+
 def test_batch_invariant(head: PreciseQ8Head) -> None:
     x = np.random.default_rng(2).standard_normal((5, 96), dtype=np.float32)
     batched = head(x)

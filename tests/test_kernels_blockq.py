@@ -1,5 +1,6 @@
 """GGUF block kernels (Q4_0, Q4_1, Q8_0), the float32 matmul and their Linear layers, against gguf's own numpy
-(de)quantizers and slow, obvious numpy references; both kernel paths, odd shapes, batch invariance."""
+(de)quantizers and slow, obvious numpy references; every kernel path, int8 and A16 (16-bit) activations, odd shapes,
+batch invariance."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ MATMUL = {"portable": bq._matmul_portable, "simd": bq._matmul_simd, "avx512_vnni
 QUANTIZE_MATMUL = {
     "portable": bq._quantize_matmul_portable, "simd": bq._quantize_matmul_simd, "avx512_vnni": bq._quantize_matmul_vnni
 }
+QUANTIZE_A16_MATMUL = {
+    "portable": bq._quantize_a16_matmul_portable, "simd": bq._quantize_a16_matmul_simd,
+    "avx512_vnni": bq._quantize_a16_matmul_vnni,
+}
 FORMATS = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
+ACTIVATION_BITS = [8, 16]
 _FMT = {GGMLType.Q4_0: bq._FMT_Q4_0, GGMLType.Q4_1: bq._FMT_Q4_1, GGMLType.Q8_0: bq._FMT_Q8_0}
 
 ROW_COUNTS = [1, 3, 33, 100]
@@ -34,8 +40,20 @@ IN_FEATURES = [32, 96, 480, 576, 1056]
 TOKEN_COUNTS = [1, 2, 5, 17]
 
 
+def quantize_activations(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(xq, xd, xsum): int8 codes (T, K) for 8 bits, A16 digits (T, 2, K) for 16."""
+    return bq.quantize_q8_blocks(x) if bits == 8 else bq.quantize_a16_blocks(x)
+
+
+def activation_codes(xq: np.ndarray) -> np.ndarray:
+    """(T, K) int64: the integer each activation stands for before its block scale (A16: 254·coarse + fine)."""
+    if xq.ndim == 2:
+        return xq.astype(np.int64)
+    return 254 * xq[:, 0].astype(np.int64) + xq[:, 1]
+
+
 def run_matmul(path: str, ggml_type: GGMLType, xq, xd, xsum, layer: BlockQuantLinear) -> np.ndarray:
-    """One kernel path called directly, whatever path the module chose at import."""
+    """One kernel path called directly, whatever path the module chose at import; int8 or A16 by xq's shape."""
     wm = layer.wm if layer.wm is not None else layer.wd
     return MATMUL[path](xq, xd, xsum, layer.wq.view(np.uint8), layer.wd, wm, _FMT[ggml_type])
 
@@ -61,9 +79,9 @@ def signed_values(layer: BlockQuantLinear) -> np.ndarray:
 
 
 def block_dots(layer: BlockQuantLinear, xq: np.ndarray) -> np.ndarray:
-    """(T, N, K // 32) int64 exact per-block dot products Σ value·q."""
+    """(T, N, K // 32) int64 exact per-block dot products Σ value·code."""
     values = signed_values(layer).reshape(layer.out_features, -1, 32)
-    acts = xq.astype(np.int64).reshape(xq.shape[0], -1, 32)
+    acts = activation_codes(xq).reshape(xq.shape[0], -1, 32)
     return np.einsum("tbk,nbk->tnb", acts, values)
 
 
@@ -132,6 +150,34 @@ def test_activation_quantizer_matches_gguf_q8_0() -> None:
     assert not zeros_q.any() and not zeros_d.any() and not zeros_sum.any()
 
 
+def test_a16_quantizer_is_a_16_bit_rounding() -> None:
+    rng = np.random.default_rng(8)
+    x = random_weights(rng, 5, 96) * 40.0
+    x[2, :32] = np.linspace(-3.0, 3.0, 32, dtype=np.float32)  # exact extremes and ties at several scales
+    x[3, 32:64] = 1e-36  # below the smallest normal scale: coded as zero, never inf or NaN
+    xq, xd, xsum = bq.quantize_a16_blocks(x)
+    assert xq.shape == (5, 2, 96) and xq.dtype == np.int8 and xd.dtype == np.float32 and xsum.dtype == np.int32
+    coarse, fine = xq[:, 0].astype(np.int64), xq[:, 1].astype(np.int64)
+    assert coarse.min() >= -127 and coarse.max() <= 127 and fine.min() >= -127 and fine.max() <= 126
+    blocks = x.reshape(5, 3, 32)
+    amax = np.abs(blocks).max(axis=2)
+    expected_scale = np.where(amax / np.float32(32258) < np.finfo(np.float32).tiny, 0, amax / np.float32(32258))
+    np.testing.assert_array_equal(xd, expected_scale.astype(np.float32))
+    # c = round(x / d) with float32 x · (1 / d), ties away from zero, written as 254·coarse + fine.
+    inverse = np.divide(np.float32(1), xd, out=np.zeros_like(xd), where=xd != 0)
+    scaled = blocks * inverse[:, :, None]
+    codes = (np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))).astype(np.int64).reshape(5, 96)
+    np.testing.assert_array_equal(activation_codes(xq), codes)
+    np.testing.assert_array_equal(xsum, codes.reshape(5, 3, 32).sum(axis=2))
+    assert np.abs(codes).max() == 32258 and not codes[3, 32:64].any() and xd[3, 1] == 0
+    # Half a 16-bit step per value; the coarse digit is the int8 mode's code give or take one at its ties.
+    error = np.abs(x.astype(np.float64) - np.repeat(xd.astype(np.float64), 32, axis=1) * codes)
+    assert np.all(error <= np.repeat(xd.astype(np.float64), 32, axis=1) * (0.5 + 1e-3) + 1e-33)
+    q8, _, _ = bq.quantize_q8_blocks(x)
+    coded = np.repeat(xd != 0, 32, axis=1)  # the int8 mode still codes the tiny block
+    assert np.abs(coarse - q8)[coded].max() <= 1 and np.mean((coarse == q8)[coded]) > 0.95
+
+
 @pytest.mark.parametrize("ggml_type", FORMATS)
 def test_load_and_dequantize_match_gguf_reference(ggml_type: GGMLType) -> None:
     rng = np.random.default_rng(2)
@@ -149,15 +195,16 @@ def test_load_and_dequantize_match_gguf_reference(ggml_type: GGMLType) -> None:
     assert layer.num_bytes == 33 * 3 * (code_bytes + 4 * num_scale_arrays)  # scales held as float32
 
 
+@pytest.mark.parametrize("bits", ACTIVATION_BITS)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ggml_type", FORMATS)
 @pytest.mark.parametrize("in_features", IN_FEATURES)
-def test_matmul_matches_integer_reference(path: str, ggml_type: GGMLType, in_features: int) -> None:
+def test_matmul_matches_integer_reference(path: str, ggml_type: GGMLType, in_features: int, bits: int) -> None:
     rng = np.random.default_rng(in_features)
     for num_rows, num_tokens in zip(ROW_COUNTS, TOKEN_COUNTS[::-1], strict=True):
         layer = BlockQuantLinear.quantize(random_weights(rng, num_rows, in_features), ggml_type)
         x = rng.standard_normal((num_tokens, in_features)).astype(np.float32) * 3
-        xq, xd, xsum = bq.quantize_q8_blocks(x)
+        xq, xd, xsum = quantize_activations(x, bits)
         y = run_matmul(path, ggml_type, xq, xd, xsum, layer)
         assert y.shape == (num_tokens, num_rows) and y.dtype == np.float32
         # Same float32 roundings in the same order: equal bits.
@@ -174,27 +221,44 @@ def test_matmul_matches_integer_reference(path: str, ggml_type: GGMLType, in_fea
         assert np.all(np.abs(y - products.sum(axis=2)) <= bound)
 
 
+@pytest.mark.parametrize("bits", ACTIVATION_BITS)
 @pytest.mark.parametrize("ggml_type", FORMATS)
-def test_matmul_close_to_float_product(ggml_type: GGMLType) -> None:
-    """Only int8 activation rounding separates the layer from x @ dequantized(W).T: at most half a step per value."""
+def test_matmul_close_to_float_product(ggml_type: GGMLType, bits: int) -> None:
+    """Only activation rounding separates the layer from x @ dequantized(W).T: at most half a step per value."""
     rng = np.random.default_rng(3)
-    layer = BlockQuantLinear.quantize(random_weights(rng, 100, 576), ggml_type)
+    layer = BlockQuantLinear.quantize(random_weights(rng, 100, 576), ggml_type, activation_bits=bits)
     x = rng.standard_normal((5, 576)).astype(np.float32)
     w = layer.dequantize_rows(np.arange(100)).astype(np.float64)
     y = layer(x)
-    _, xd, _ = bq.quantize_q8_blocks(x)
+    _, xd, _ = quantize_activations(x, bits)
     step_bound = 0.5 * np.einsum("tb,nb->tn", xd.astype(np.float64), np.abs(w).reshape(100, 18, 32).sum(axis=2))
     error = np.abs(y - x.astype(np.float64) @ w.T)
     assert np.all(error <= step_bound * 1.001 + 1e-4)
     assert error.max() > 0  # the bound is not vacuous: activations really were quantized
 
 
+@pytest.mark.parametrize("ggml_type", FORMATS)
+def test_a16_error_far_below_int8(ggml_type: GGMLType) -> None:
+    """A16's 16-bit codes: the error against the float product of the same weights is ~254x below int8's."""
+    rng = np.random.default_rng(9)
+    layer = BlockQuantLinear.quantize(random_weights(rng, 100, 1536), ggml_type)
+    assert layer.activation_bits == 16  # the default
+    x = rng.standard_normal((5, 1536)).astype(np.float32) * np.float32(0.1)
+    x[:, ::97] = 20.0  # outlier features, as in real hidden states
+    exact = x.astype(np.float64) @ layer.dequantize_rows(np.arange(100)).astype(np.float64).T
+    error_a16 = np.abs(layer(x) - exact)
+    error_int8 = np.abs(layer.matmul_int8(x) - exact)
+    assert error_a16.max() * 50 <= error_int8.max()
+    assert np.sqrt(np.mean(error_a16**2)) * 50 <= np.sqrt(np.mean(error_int8**2))
+
+
+@pytest.mark.parametrize("bits", ACTIVATION_BITS)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ggml_type", FORMATS)
-def test_batch_invariance_and_paths_agree(path: str, ggml_type: GGMLType) -> None:
+def test_batch_invariance_and_paths_agree(path: str, ggml_type: GGMLType, bits: int) -> None:
     rng = np.random.default_rng(4)
     layer = BlockQuantLinear.quantize(random_weights(rng, 33, 576), ggml_type)
-    xq, xd, xsum = bq.quantize_q8_blocks(rng.standard_normal((17, 576)).astype(np.float32))
+    xq, xd, xsum = quantize_activations(rng.standard_normal((17, 576)).astype(np.float32), bits)
     batch = run_matmul(path, ggml_type, xq, xd, xsum, layer)
     for token in range(17):
         one = slice(token, token + 1)
@@ -211,13 +275,38 @@ def test_fused_quantize_matmul_equals_two_steps(path: str) -> None:
     xq, xd, xsum = bq.quantize_q8_blocks(x)
     fused = QUANTIZE_MATMUL[path]
     for ggml_type in FORMATS:
+        layer = BlockQuantLinear.quantize(random_weights(rng, 7, 96), ggml_type, activation_bits=8)
+        wm = layer.wm if layer.wm is not None else layer.wd
+        expected = run_matmul("portable", ggml_type, xq, xd, xsum, layer)
+        np.testing.assert_array_equal(fused(x, layer.wq.view(np.uint8), layer.wd, wm, _FMT[ggml_type]), expected)
+        np.testing.assert_array_equal(layer(x), expected)
+        np.testing.assert_array_equal(layer.matmul_int8(x), expected)
+        np.testing.assert_array_equal(layer.matmul_quantized(xq, xd, xsum), expected)
+    assert np.all(BlockQuantLinear.quantize(np.zeros((2, 32), np.float32), GGMLType.Q4_1)(x[:, :32].copy()) == 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_a16_quantize_matmul_equals_two_steps(path: str) -> None:
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    xq, xd, xsum = bq.quantize_a16_blocks(x)
+    fused = QUANTIZE_A16_MATMUL[path]
+    public = {
+        GGMLType.Q4_0: (bq.matmul_q4_0_a16, bq.quantize_matmul_q4_0_a16),
+        GGMLType.Q4_1: (bq.matmul_q4_1_a16, bq.quantize_matmul_q4_1_a16),
+        GGMLType.Q8_0: (bq.matmul_q8_0_a16, bq.quantize_matmul_q8_0_a16),
+    }
+    for ggml_type in FORMATS:
         layer = BlockQuantLinear.quantize(random_weights(rng, 7, 96), ggml_type)
         wm = layer.wm if layer.wm is not None else layer.wd
         expected = run_matmul("portable", ggml_type, xq, xd, xsum, layer)
         np.testing.assert_array_equal(fused(x, layer.wq.view(np.uint8), layer.wd, wm, _FMT[ggml_type]), expected)
         np.testing.assert_array_equal(layer(x), expected)
-        np.testing.assert_array_equal(layer.matmul_quantized(xq, xd, xsum), expected)
-    assert np.all(BlockQuantLinear.quantize(np.zeros((2, 32), np.float32), GGMLType.Q4_1)(x[:, :32].copy()) == 0)
+        two_step, one_step = public[ggml_type]
+        weights = (layer.wq, layer.wd) if layer.wm is None else (layer.wq, layer.wd, layer.wm)
+        activations = (xq, xd) if layer.wm is None else (xq, xd, xsum)
+        np.testing.assert_array_equal(two_step(*activations, *weights), expected)
+        np.testing.assert_array_equal(one_step(x, *weights), expected)
 
 
 def test_bad_inputs_raise_value_error() -> None:
@@ -243,6 +332,19 @@ def test_bad_inputs_raise_value_error() -> None:
         bq.matmul_q8_0(xq, xd, layer.wq, layer.wd)
     with pytest.raises(ValueError, match="uint8"):
         bq.matmul_q4_0(xq.view(np.uint8), xd, layer.wq, layer.wd)
+    a16_q, a16_d, a16_sum = bq.quantize_a16_blocks(rng.standard_normal((2, 64)).astype(np.float32))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        bq.matmul_q4_1_a16(xq, xd, xsum, layer.wq, layer.wd, layer.wm)  # int8 codes where digits are expected
+    with pytest.raises(ValueError, match=r"shape \(T, 2, K\)"):
+        bq.matmul_q4_1_a16(np.concatenate([a16_q, a16_q], axis=1), a16_d, a16_sum, layer.wq, layer.wd, layer.wm)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        bq.matmul_q4_1(a16_q, a16_d, a16_sum, layer.wq, layer.wd, layer.wm)
+    with pytest.raises(ValueError, match="in_features"):
+        bq.quantize_matmul_q4_1_a16(np.zeros((2, 32), np.float32), layer.wq, layer.wd, layer.wm)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        bq.quantize_a16_blocks(np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match="activation_bits"):
+        BlockQuantLinear.quantize(w, GGMLType.Q4_1, activation_bits=4)
     with pytest.raises(ValueError, match="row_ids"):
         layer.dequantize_rows(np.array([4]))
     raw = layer.to_gguf_blocks()
@@ -292,11 +394,16 @@ def test_vnni_kernel_uses_vpdpbusd() -> None:
         pytest.skip("CPU or JIT target lacks AVX-512 VNNI")
 
     # Code loaded from Numba's cache cannot be inspected: compile a small uncached caller of one tile intrinsic.
+    # The row is a run-time value, so LLVM cannot merge the tile's two rows.
     @numba.njit(nogil=True)
-    def one_tile(wq, scales, xp, xc):
-        return bq._tile_dot_q4_1_vnni(wq, scales, scales, (0, 0), xp, scales, xc, scales, (0,))
+    def one_tile(wq, scales, xp, xc, row):
+        return bq._tile_dot_q4_1_vnni(wq, scales, scales, (row, row + 1), xp, scales, xc, scales, (0,))
 
-    scales = np.ones((1, 16), np.float32)
-    one_tile(np.zeros((1, 256), np.uint8), scales, np.zeros((1, 512), np.int8), np.zeros((1, 16), np.int32))
-    assembly = one_tile.inspect_asm(one_tile.signatures[0])
-    assert "vpdpbusd" in assembly and "zmm" in assembly
+    scales = np.ones((2, 16), np.float32)
+    for xp in (np.zeros((1, 512), np.int8), np.zeros((1, 2, 512), np.int8)):  # int8 codes, A16 digits
+        one_tile(np.zeros((2, 256), np.uint8), scales, xp, np.zeros((1, 16), np.int32), 0)
+    int8_assembly, a16_assembly = (one_tile.inspect_asm(signature) for signature in one_tile.signatures)
+    assert "vpdpbusd" in int8_assembly and "zmm" in int8_assembly
+    # A16: every weight vector meets both digits, so twice the byte dots over the same weight loads. (Count
+    # instructions, not mere mentions: this test's own name, in the symbols, contains "vpdpbusd".)
+    assert a16_assembly.count("\tvpdpbusd\t") == 2 * int8_assembly.count("\tvpdpbusd\t") > 0

@@ -1,102 +1,405 @@
-"""Numba attention over a paged float KV cache: write new keys/values, then causal attention for a flat token batch.
-
-Kernels only: arrays in, arrays out. Block allocation and sequence bookkeeping live in engine/kv_cache.py.
-"""
+"""Numba attention over the paged, quantized KV cache: a decode kernel (one new token of each of many sequences) and
+a chunked-prefill kernel (causal within the chunk, plus the cached blocks). Both decode kv_quant.py's records one block
+at a time into small scratch, never into a float copy of the cache; block allocation lives in engine/kv_cache.py."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from engine.kernels.kv_quant import KVFormat, KVLayout, hadamard_rows
+
+PREFILL_TILE = 16  # query tokens of one sequence per prefill work item: blocks are dequantized once per tile
 
 
-def write_kv(
-    k: np.ndarray, v: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-    block_tables: np.ndarray, seq_index: np.ndarray, positions: np.ndarray,
-) -> None:
-    """Store each token's key and value at its position in its sequence's blocks.
+class AttentionPlan(NamedTuple):
+    """How a flat batch's query rows split between the two kernels; built once per forward, used by every layer."""
 
-    k, v: (num_tokens, num_kv_heads, head_dim) float32
-    k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim) float32, one layer's pool
-    block_tables: (num_seqs, max_blocks_per_seq) int32; seq_index, positions: (num_tokens,) int32
-    """
-    _check_batch(k, k_cache, block_tables, seq_index, positions)
-    _write_kv(k, v, k_cache, v_cache, block_tables, seq_index, positions)
+    decode_rows: np.ndarray  # (num_decode,) int32, rows of sequences that have exactly one token in the batch
+    # (num_tiles, 2) int32, [first row, end row) of up to PREFILL_TILE rows of one sequence, all in one exact window
+    prefill_tiles: np.ndarray
+    seq_first_row: np.ndarray  # (num_seqs,) int32, batch row of each sequence's first token
+    window_starts: np.ndarray  # (num_seqs,) int32, first position of the window of each sequence's last token
+    row_window_starts: np.ndarray  # (num_tokens,) int32, first position of each row's own window
 
 
-def paged_attention(
-    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-    block_tables: np.ndarray, seq_index: np.ndarray, positions: np.ndarray,
-) -> np.ndarray:
-    """Causal attention of every query token over its own sequence's cache, positions 0..position inclusive.
+def window_start(positions: np.ndarray, layout: KVLayout) -> np.ndarray:
+    """(n,) int32 positions -> (n,) int32 first position of the exact window holding each (0 without windows)."""
+    if layout.window_blocks == 0:
+        return np.zeros_like(positions)
+    sinks, block_size = layout.sink_tokens, layout.block_size
+    logical = np.where(positions < sinks, 0, (sinks > 0) + (positions - sinks) // block_size)
+    first = logical // layout.window_blocks * layout.window_blocks  # first logical block of the window
+    if sinks == 0:
+        return (first * block_size).astype(np.int32)
+    return np.where(first == 0, 0, sinks + (first - 1) * block_size).astype(np.int32)
+
+
+def plan_attention(seq_index: np.ndarray, positions: np.ndarray, layout: KVLayout) -> AttentionPlan:
+    """seq_index, positions: (num_tokens,) int32, each sequence's rows contiguous and in position order, sequences
+    numbered 0..num_seqs-1 (rows of the block tables)."""
+    num_tokens = seq_index.shape[0]
+    # (num_runs,) int64 each: first row and end row of each sequence's run of rows
+    starts = np.flatnonzero(np.r_[True, seq_index[1:] != seq_index[:-1]]) if num_tokens else np.empty(0, np.int64)
+    ends = np.r_[starts[1:], num_tokens].astype(np.int64)
+    row_windows = window_start(positions, layout)  # (num_tokens,) int32
+    seq_first_row = np.zeros(int(seq_index.max()) + 1 if num_tokens else 0, dtype=np.int32)  # (num_seqs,) int32
+    seq_first_row[seq_index[starts]] = starts
+    window_starts = np.zeros_like(seq_first_row)  # (num_seqs,) int32
+    window_starts[seq_index[starts]] = row_windows[ends - 1]
+    single = ends - starts == 1
+    tiles = []
+    for start, end in zip(starts[~single], ends[~single], strict=True):
+        # A tile never straddles a window boundary: all its rows read the same blocks quantized.
+        cuts = np.flatnonzero(row_windows[start + 1:end] != row_windows[start:end - 1]) + start + 1
+        for first, last in zip(np.r_[start, cuts], np.r_[cuts, end], strict=True):
+            tiles += [(row, min(row + PREFILL_TILE, last)) for row in range(first, last, PREFILL_TILE)]
+    return AttentionPlan(starts[single].astype(np.int32), np.array(tiles, dtype=np.int32).reshape(-1, 2),
+                         seq_first_row, window_starts, row_windows)
+
+
+def paged_attention(q: np.ndarray, exact: np.ndarray, pool: np.ndarray, window: np.ndarray, layout: KVLayout,
+                    block_tables: np.ndarray, seq_index: np.ndarray, positions: np.ndarray, window_slots: np.ndarray,
+                    plan: AttentionPlan) -> np.ndarray:
+    """Causal attention of every query row over its own sequence's positions 0..position (inclusive).
 
     q: (num_tokens, num_heads, head_dim) float32, RoPE applied -> (num_tokens, num_heads, head_dim) float32.
-    The cache must already hold this batch's keys and values (write_kv first), so prefill chunks and decode tokens
-    are one code path. Each (token, head) is reduced in the same order whatever the batch, so output is batch invariant.
+    exact: (num_tokens, 2, num_kv_heads, head_dim) float32, this batch's keys and values as write_kv returned them.
+    pool: (num_blocks, block_bytes) uint8 and window: (num_slots, 2, window_tokens, num_kv_heads, head_dim) uint16,
+    one layer; write_kv must have stored this batch first. window_slots: (num_seqs,) int32.
+    A query's result depends only on its own row and sequence, never on the rest of the batch, its chunking or
+    which kernel served it (both run the same per-query arithmetic in the same order): output is batch invariant.
     """
-    _check_batch(q, k_cache, block_tables, seq_index, positions)
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
-    out = np.empty_like(q)
-    _paged_attention(q, k_cache, v_cache, block_tables, seq_index, positions, np.float32(1.0 / math.sqrt(q.shape[2])),
-                     out)
-    return out
-
-
-def _check_batch(x: np.ndarray, cache: np.ndarray, block_tables: np.ndarray, seq_index: np.ndarray,
-                 positions: np.ndarray) -> None:
-    if x.dtype != np.float32 or cache.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError("expected C-contiguous float32 activations and a float32 cache")
-    if x.shape[2] != cache.shape[3]:
-        raise ValueError(f"head_dim {x.shape[2]} does not match the cache's {cache.shape[3]}")
-    if seq_index.dtype != np.int32 or positions.dtype != np.int32 or block_tables.dtype != np.int32:
-        raise ValueError("block_tables, seq_index and positions must be int32")
-    if not (seq_index.shape[0] == positions.shape[0] == x.shape[0]):
+    num_tokens, num_heads, head_dim = q.shape
+    if q.dtype != np.float32 or not q.flags.c_contiguous or head_dim != layout.head_dim:
+        raise ValueError(f"q must be C-contiguous float32 with head_dim {layout.head_dim}, got {q.dtype} {q.shape}")
+    if num_heads % layout.num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {layout.num_kv_heads}")
+    if pool.dtype != np.uint8 or pool.ndim != 2 or not pool.flags.c_contiguous:
+        raise ValueError("pool must be one layer's C-contiguous (num_blocks, block_bytes) uint8 blocks")
+    if window.dtype != np.uint16 or window.ndim != 5 or exact.dtype != np.float32 or exact.ndim != 4:
+        raise ValueError("window must be uint16 (num_slots, 2, tokens, heads, head_dim), exact float32 (tokens, 2, "
+                         "heads, head_dim)")
+    for name, x in (("block_tables", block_tables), ("seq_index", seq_index), ("positions", positions),
+                    ("window_slots", window_slots)):
+        if x.dtype != np.int32:
+            raise ValueError(f"{name} must be int32, got {x.dtype}")
+    if not seq_index.shape[0] == positions.shape[0] == num_tokens:
         raise ValueError("seq_index and positions need one entry per token")
-    if positions.size and positions.max() >= block_tables.shape[1] * cache.shape[1]:
-        raise ValueError("a position lies past the blocks in its block table")
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    # The cache holds rotated keys; rotating the queries too leaves every dot product unchanged.
+    queries = hadamard_rows(q) * scale if layout.rotate else q * scale  # (num_tokens, num_heads, head_dim)
+    out = np.empty_like(q)  # (num_tokens, num_heads, head_dim) float32; every row is written by one kernel
+    if plan.decode_rows.size:
+        _attend_decode(queries, exact, pool, window, layout, block_tables, seq_index, positions, window_slots,
+                       plan.seq_first_row, plan.row_window_starts, plan.decode_rows, out)
+    if plan.prefill_tiles.size:
+        _attend_prefill(queries, exact, pool, window, layout, block_tables, seq_index, positions, window_slots,
+                        plan.seq_first_row, plan.row_window_starts, plan.prefill_tiles, out)
+    # Outputs are weighted sums of rotated values: rotate back (the transform is its own inverse).
+    return hadamard_rows(out) if layout.rotate else out
+
+
+@intrinsic
+def _bits_float(typingctx, bits):  # pragma: no cover - compile-time
+    """uint32 IEEE bit pattern -> float32 (a free register reinterpretation)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _float_bits(typingctx, value):  # pragma: no cover - compile-time
+    """float32 -> its IEEE bit pattern as uint32."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
 
 
 @njit(cache=True, nogil=True)
-def _write_kv(k, v, k_cache, v_cache, block_tables, seq_index, positions):  # pragma: no cover - jitted
-    block_size = k_cache.shape[1]
-    for t in range(k.shape[0]):
-        block = block_tables[seq_index[t], positions[t] // block_size]
-        offset = positions[t] % block_size
-        k_cache[block, offset] = k[t]
-        v_cache[block, offset] = v[t]
+def _half_value(bits):  # pragma: no cover - jitted
+    """IEEE half bits (uint16) -> float32 by integer moves, branch-free so loops of it vectorize. Exponent and
+    mantissa shift into place and the exponent is rebiased (15 -> 127); a subnormal half is rebuilt as a normal
+    float minus 2^-14, so no float32 denormal (and its slow microcode path) is ever touched."""
+    wide = np.uint32(bits)
+    moved = ((wide & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(0x38000000)
+    normal = _bits_float(moved)
+    subnormal = _bits_float(moved + np.uint32(0x00800000)) - np.float32(2.0 ** -14)
+    magnitude = normal if wide & np.uint32(0x7C00) else subnormal
+    return _bits_float(_float_bits(magnitude) | ((wide & np.uint32(0x8000)) << np.uint32(16)))
+
+
+@njit(cache=True, nogil=True)
+def _exp(x):  # pragma: no cover - jitted
+    """exp(x) for x <= 0 within 1 ulp (0 below -87), branch-free so loops of it vectorize, unlike libm's expf:
+    x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7 (truncation < 6e-9), times 2^n from bits."""
+    clamped = max(x, np.float32(-87.0))
+    n = np.rint(clamped * np.float32(1.4426950408889634))
+    # ln2 in two parts, the first with few mantissa bits so n * it is exact: r keeps full precision.
+    r = (clamped - n * np.float32(0.693145751953125)) - n * np.float32(1.428606765330187e-06)
+    poly = np.float32(1.0 / 5040.0)
+    for coefficient in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        poly = poly * r + np.float32(coefficient)
+    power = _bits_float(np.uint32(np.int32(n) + 127) << np.uint32(23))
+    return poly * power if x > np.float32(-87.0) else np.float32(0.0)
+
+
+@njit(cache=True, nogil=True)
+def _block_geometry(logical, layout):  # pragma: no cover - jitted
+    """-> (first position, tokens, record format, record bytes) of a sequence's `logical`-th block."""
+    sinks = layout.sink_tokens
+    if sinks == 0:
+        return logical * layout.block_size, layout.block_size, layout.format, layout.record_bytes
+    if logical == 0:
+        return 0, sinks, KVFormat.INT8, layout.sink_record_bytes
+    return sinks + (logical - 1) * layout.block_size, layout.block_size, layout.format, layout.record_bytes
+
+
+@njit(cache=True, nogil=True)
+def _load_records(block, halves, floats, first_offset, stride, fmt, group_size, out):  # pragma: no cover - jitted
+    """Decode len(out) records of one block, at byte offsets first_offset + j * stride, into out: (n, head_dim)
+    float32. block: (block_bytes,) uint8, with halves and floats the same bytes as uint16 and float32 (records and
+    scales sit at even offsets, fp32 records at multiples of 4). One call per block, not per record: the format
+    branch and the call stay out of the token loop, and every inner loop runs from 0 over a slice, so the compiler
+    drops negative-index checks and vectorizes."""
+    num_records, head_dim = out.shape
+    if fmt == KVFormat.FP32:
+        for j in range(num_records):
+            start = (first_offset + j * stride) // 4
+            values, row = floats[start:start + head_dim], out[j]
+            for d in range(head_dim):
+                row[d] = values[d]
+        return
+    if fmt == KVFormat.FP16:
+        for j in range(num_records):
+            start = (first_offset + j * stride) // 2
+            values, row = halves[start:start + head_dim], out[j]
+            for d in range(head_dim):
+                row[d] = _half_value(values[d])
+        return
+    if fmt == KVFormat.INT8:
+        levels, code_bytes = 128, head_dim
+        for j in range(num_records):
+            start = first_offset + j * stride
+            codes, row = block[start:start + code_bytes], out[j]
+            for d in range(head_dim):
+                row[d] = np.float32(codes[d])
+    elif fmt == KVFormat.Q4:
+        levels, code_bytes = 8, head_dim // 2
+        for j in range(num_records):
+            start = first_offset + j * stride
+            codes, low, high = block[start:start + code_bytes], out[j, :code_bytes], out[j, code_bytes:]
+            for i in range(code_bytes):
+                low[i] = np.float32(codes[i] & 15)
+                high[i] = np.float32(codes[i] >> 4)
+    else:
+        levels, code_bytes = 4, head_dim * 3 // 8
+        quarter = head_dim // 4
+        for j in range(num_records):
+            start = first_offset + j * stride
+            low_bits = block[start:start + quarter]
+            for part in range(4):
+                values = out[j, part * quarter:(part + 1) * quarter]
+                if quarter <= 32:  # head_dim <= 128: the quarter's high bits are one uint32, shifted per lane
+                    high_bits = np.uint32(0)
+                    first_byte = start + quarter + part * quarter // 8
+                    for byte in range(quarter // 8):
+                        high_bits |= np.uint32(block[first_byte + byte]) << np.uint32(8 * byte)
+                    for i in range(quarter):
+                        low = np.uint32(low_bits[i] >> (2 * part)) & np.uint32(3)
+                        values[i] = np.float32(np.int32(low | (((high_bits >> np.uint32(i)) & np.uint32(1))
+                                                                << np.uint32(2))))
+                else:
+                    first_byte = start + quarter + part * quarter // 8
+                    high_bytes = block[first_byte:first_byte + quarter // 8]
+                    for i in range(quarter):
+                        high = (high_bytes[i // 8] >> (i % 8)) & 1
+                        values[i] = np.float32(((low_bits[i] >> (2 * part)) & 3) | (high << 2))
+    num_groups = head_dim // group_size
+    for j in range(num_records):
+        start = (first_offset + j * stride + code_bytes) // 2
+        scales = halves[start:start + num_groups]
+        for group in range(num_groups):
+            scale = _half_value(scales[group])
+            values = out[j, group * group_size:(group + 1) * group_size]
+            for d in range(group_size):
+                values[d] = (values[d] - np.float32(levels)) * scale
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dot(query, key):  # pragma: no cover - jitted
+    """query, key: (head_dim,) float32. Reassociation lets this reduction vectorize; it is one loop with no stores,
+    compiled the same wherever it is inlined, so both kernels get the same bits for the same query and key."""
+    total = np.float32(0.0)
+    for d in range(query.shape[0]):
+        total += query[d] * key[d]
+    return total
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _dot4(query, key0, key1, key2, key3):  # pragma: no cover - jitted
+    """Four dot products in one pass over the query (each query element loaded once); like _dot, the same bits
+    wherever it runs."""
+    total0 = total1 = total2 = total3 = np.float32(0.0)
+    for d in range(query.shape[0]):
+        x = query[d]
+        total0 += x * key0[d]
+        total1 += x * key1[d]
+        total2 += x * key2[d]
+        total3 += x * key3[d]
+    return total0, total1, total2, total3
+
+
+@njit(cache=True, nogil=True)
+def _fold_block(query, keys, values, num_visible, scores, acc, best, total):  # pragma: no cover - jitted
+    """Fold keys/values[:num_visible] into one query's online softmax: acc (head_dim,) float32 holds the weighted
+    values, best and total the running max score and sum of exp(score - best) -> (best, total). Keys go by fours
+    where they can: which keys a query sees in a block is fixed by positions, so the grouping, and the bits, are
+    the same in every kernel and batch."""
+    head_dim = acc.shape[0]
+    num_fours = num_visible // 4 * 4
+    for j in range(0, num_fours, 4):
+        scores[j], scores[j + 1], scores[j + 2], scores[j + 3] = _dot4(query, keys[j], keys[j + 1], keys[j + 2],
+                                                                       keys[j + 3])
+    for j in range(num_fours, num_visible):
+        scores[j] = _dot(query, keys[j])
+    block_best = np.float32(-np.inf)
+    for j in range(num_visible):
+        block_best = max(block_best, scores[j])
+    if block_best > best:
+        correction = _exp(best - block_best)
+        total *= correction
+        for d in range(head_dim):
+            acc[d] *= correction
+        best = block_best
+    for j in range(num_visible):
+        scores[j] = _exp(scores[j] - best)
+    for j in range(num_visible):
+        total += scores[j]
+    for j in range(0, num_fours, 4):
+        w0, w1, w2, w3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+        v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
+        for d in range(head_dim):
+            acc[d] += (w0 * v0[d] + w1 * v1[d]) + (w2 * v2[d] + w3 * v3[d])
+    for j in range(num_fours, num_visible):
+        weight, value = scores[j], values[j]
+        for d in range(head_dim):
+            acc[d] += weight * value[d]
+    return best, total
+
+
+@njit(cache=True, nogil=True)
+def _load_exact(exact, window, slot, which, kv_head, first_position, chunk_start, chunk_first_row, window_from,
+                out):  # pragma: no cover - jitted
+    """Keys (which=0) or values (1) of positions first_position.. as the exact window holds them, into out:
+    (n, head_dim) float32: this batch's tokens from `exact`, earlier ones from the sequence's window buffer."""
+    head_dim = out.shape[1]
+    for j in range(out.shape[0]):
+        position = first_position + j
+        row = out[j]
+        if position >= chunk_start:
+            source = exact[chunk_first_row + position - chunk_start, which, kv_head]
+            for d in range(head_dim):
+                row[d] = source[d]
+        else:
+            halves = window[slot, which, position - window_from, kv_head]
+            for d in range(head_dim):
+                row[d] = _half_value(halves[d])
+
+
+@njit(cache=True, nogil=True)
+def _attend_rows(q, exact, pool, window, layout, table, positions, slot, chunk_first_row, window_from, first_row,
+                 end_row, kv_head, out):  # pragma: no cover - jitted
+    """Attention of rows first_row..end_row-1 (one sequence, consecutive positions, one exact window that starts
+    at window_from) for the query heads that share KV head `kv_head`. Blocks are visited in order; each block's
+    keys and values are decoded once for all these queries (from the quantized blocks before window_from, exact
+    from there on), then each query folds the block into its running max, sum and weighted values (online softmax).
+
+    q: (num_tokens, num_heads, head_dim) float32, scaled; table: (max_blocks,) int32 block ids of the sequence;
+    chunk_first_row: batch row of the sequence's first token in this batch.
+    """
+    head_dim = layout.head_dim
+    num_kv_heads = layout.num_kv_heads
+    group = q.shape[1] // num_kv_heads
+    num_queries = (end_row - first_row) * group
+    last_position = positions[end_row - 1]
+    chunk_start = positions[chunk_first_row]
+    quantized_until = window_from if layout.window_blocks > 0 else last_position + 1
+    most = max(layout.block_size, layout.sink_tokens)
+    keys = np.empty((most, head_dim), dtype=np.float32)  # (most, head_dim) float32, one block's decoded keys
+    values = np.empty((most, head_dim), dtype=np.float32)  # (most, head_dim) float32
+    scores = np.empty(most, dtype=np.float32)  # (most,) float32, then the weights exp(score - best)
+    acc = np.zeros((num_queries, head_dim), dtype=np.float32)  # (num_queries, head_dim) float32, sum p * v
+    best = np.full(num_queries, -np.inf, dtype=np.float32)  # (num_queries,) float32, running max score
+    total = np.zeros(num_queries, dtype=np.float32)  # (num_queries,) float32, running sum of exp(score - best)
+    pool_halves = pool.view(np.uint16)  # (num_blocks, block_bytes // 2) uint16, the same bytes
+    pool_floats = pool.view(np.float32)  # (num_blocks, block_bytes // 4) float32, the same bytes
+    logical = 0
+    while True:
+        start, count, fmt, size = _block_geometry(logical, layout)
+        if start > last_position:
+            break
+        num_loaded = min(count, last_position + 1 - start)
+        if start < quantized_until:
+            block_id = table[logical]
+            block, halves, floats = pool[block_id], pool_halves[block_id], pool_floats[block_id]
+            v_base = count * num_kv_heads * size
+            stride = num_kv_heads * size
+            _load_records(block, halves, floats, kv_head * size, stride, fmt, layout.group_size, keys[:num_loaded])
+            _load_records(block, halves, floats, v_base + kv_head * size, stride, fmt, layout.group_size,
+                          values[:num_loaded])
+        else:
+            _load_exact(exact, window, slot, 0, kv_head, start, chunk_start, chunk_first_row, window_from,
+                        keys[:num_loaded])
+            _load_exact(exact, window, slot, 1, kv_head, start, chunk_start, chunk_first_row, window_from,
+                        values[:num_loaded])
+        for row in range(first_row, end_row):
+            num_visible = min(num_loaded, positions[row] + 1 - start)
+            if num_visible <= 0:
+                continue
+            for member in range(group):
+                head = kv_head * group + member
+                query = (row - first_row) * group + member
+                best[query], total[query] = _fold_block(q[row, head], keys, values, num_visible, scores, acc[query],
+                                                        best[query], total[query])
+        logical += 1
+    for row in range(first_row, end_row):
+        for member in range(group):
+            query = (row - first_row) * group + member
+            for d in range(head_dim):
+                out[row, kv_head * group + member, d] = acc[query, d] / total[query]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _paged_attention(q, k_cache, v_cache, block_tables, seq_index, positions, scale, out):  # pragma: no cover
-    num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    queries_per_kv = num_heads // num_kv_heads
-    for item in prange(num_tokens * num_heads):
-        t = item // num_heads
-        h = item % num_heads
-        g = h // queries_per_kv
-        context = positions[t] + 1
-        table = block_tables[seq_index[t]]
-        scores = np.empty(context, dtype=np.float32)  # (context,) float32
-        best = np.float32(-np.inf)
-        for j in range(context):
-            key = k_cache[table[j // block_size], j % block_size, g]
-            dot = np.float32(0.0)
-            for d in range(head_dim):
-                dot += q[t, h, d] * key[d]
-            dot *= scale
-            scores[j] = dot
-            best = max(best, dot)
-        total = np.float32(0.0)
-        for j in range(context):
-            scores[j] = np.exp(scores[j] - best)
-            total += scores[j]
-        acc = np.zeros(head_dim, dtype=np.float32)  # (head_dim,) float32
-        for j in range(context):
-            value = v_cache[table[j // block_size], j % block_size, g]
-            weight = scores[j] / total
-            for d in range(head_dim):
-                acc[d] += weight * value[d]
-        out[t, h] = acc
+def _attend_decode(q, exact, pool, window, layout, block_tables, seq_index, positions, window_slots, seq_first_row,
+                   row_window_starts, rows, out):  # pragma: no cover - jitted
+    """One query row per sequence, sequences of any lengths; one work item per (sequence, KV head)."""
+    num_kv_heads = layout.num_kv_heads
+    for item in prange(rows.shape[0] * num_kv_heads):
+        row = rows[item // num_kv_heads]
+        seq = seq_index[row]
+        _attend_rows(q, exact, pool, window, layout, block_tables[seq], positions, window_slots[seq],
+                     seq_first_row[seq], row_window_starts[row], row, row + 1, item % num_kv_heads, out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _attend_prefill(q, exact, pool, window, layout, block_tables, seq_index, positions, window_slots, seq_first_row,
+                    row_window_starts, tiles, out):  # pragma: no cover - jitted
+    """Chunks of consecutive query rows per sequence, causal among themselves and over the cached blocks before
+    them; one work item per (tile of a sequence's rows, KV head)."""
+    num_kv_heads = layout.num_kv_heads
+    for item in prange(tiles.shape[0] * num_kv_heads):
+        first_row = tiles[item // num_kv_heads, 0]
+        seq = seq_index[first_row]
+        _attend_rows(q, exact, pool, window, layout, block_tables[seq], positions, window_slots[seq],
+                     seq_first_row[seq], row_window_starts[first_row], first_row, tiles[item // num_kv_heads, 1],
+                     item % num_kv_heads, out)

@@ -1,6 +1,7 @@
 """GGUF block formats Q4_0, Q4_1, Q8_0: weight and activation quantizers, row dequantizers and int8-dot matmuls in three
 paths that give identical bits (AVX-512 VNNI and target-independent SIMD, both llvmlite IR; plain Numba as the obvious
-fallback). Arrays in, arrays out: no model knowledge, no file parsing.
+fallback), with int8 activations or 16-bit ones ("A16", two int8 digits per value). Arrays in, arrays out: no model
+knowledge, no file parsing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ _INT8, _UINT8, _INT32, _FLOAT32 = np.dtype(np.int8), np.dtype(np.uint8), np.dtyp
 _FMT_Q4_0 = 0
 _FMT_Q4_1 = 1
 _FMT_Q8_0 = 2
+
+# A16 activations: per block, code c = round(x / d) with d = max|x| / (127 · 254), written as two int8 digits
+# c = 254·coarse + fine, coarse = round(c / 254) in [-127, 127], fine in [-127, 126]. coarse is (up to ties) the int8
+# mode's code round(x / d1), d1 = 254·d, and fine = round((x - d1·coarse) / d) the residual's code. Its step is d1 / 254
+# rather than d1 / 127 because the residual is at most d1 / 2: so the fine digit spans the whole int8 range, and |c| <=
+# 32258 is a 16-bit code whose rounding error, d / 2 = max|x| / 64516 per value, is 254 times below the int8 mode's. A
+# fixed ratio (rather than d2 = max|r| / 127, which is ~d1 / 254 anyway over 32 values) makes each block's
+# 254·Σ w·coarse + Σ w·fine one exact int32: a block still costs one float multiply, in the int8 mode's order.
+_A16_RADIX = 254
+_A16_MAX_CODE = 127 * _A16_RADIX
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Quantizers: ggml's reference rounding in float32 operations (no fused multiply-add), so codes match gguf's bytes.
@@ -83,6 +94,50 @@ def _quantize_q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return xq, xd, xsum
 
 
+@njit(cache=True, nogil=True)
+def _quantize_row_a16(x_row: np.ndarray, xq_row: np.ndarray, xd_row: np.ndarray, xsum_row: np.ndarray) -> None:
+    """One row to A16 digits (see _A16_RADIX): x_row (K,) float32 -> xq_row (2, K) int8 (coarse, fine digits),
+    xd_row (K // 32,) float32 = max|x| / 32258 per block, xsum_row (K // 32,) int32 = Σ c per block."""
+    bits = x_row.view(np.int32)  # (K,) int32
+    for block in range(xd_row.shape[0]):
+        start = block * 32
+        amax_bits = np.int32(0)
+        for col in range(start, start + 32):
+            amax_bits = max(amax_bits, bits[col] & np.int32(0x7FFFFFFF))
+        scale = _float_from_bits(amax_bits) / np.float32(_A16_MAX_CODE)
+        # 1 / scale must stay finite: a block whose scale is below the smallest normal float32 (max|x| < 4e-34) is 0
+        if scale < np.float32(1.1754944e-38):
+            scale = np.float32(0.0)
+        inverse = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
+        total = np.int32(0)
+        for col in range(start, start + 32):
+            value = x_row[col] * inverse
+            magnitude = abs(value)
+            rounded = np.floor(magnitude)
+            rounded += np.float32(1.0) if magnitude - rounded >= np.float32(0.5) else np.float32(0.0)
+            code = np.int32(rounded)
+            code = -code if value < 0 else code
+            # coarse = floor((c + 127) / 254): |c| <= 32258, so |coarse| <= 127. In float32 (exact: an integer
+            # quotient comes out exact, any other one is >= 1/254 from the next integer), which vectorizes.
+            coarse = np.int32(np.floor(np.float32(code + 127) / np.float32(_A16_RADIX)))
+            xq_row[0, col] = coarse
+            xq_row[1, col] = code - _A16_RADIX * coarse
+            total += code
+        xd_row[block] = scale
+        xsum_row[block] = total
+
+
+@njit(cache=True, nogil=True)
+def _quantize_a16_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    num_tokens, num_cols = x.shape
+    xq = np.empty((num_tokens, 2, num_cols), np.int8)  # (num_tokens, 2, K) int8: coarse digits, then fine digits
+    xd = np.empty((num_tokens, num_cols // 32), np.float32)  # (num_tokens, K // 32) float32
+    xsum = np.empty((num_tokens, num_cols // 32), np.int32)  # (num_tokens, K // 32) int32
+    for token in range(num_tokens):
+        _quantize_row_a16(x[token], xq[token], xd[token], xsum[token])
+    return xq, xd, xsum
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _quantize_q4(w: np.ndarray, fmt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num_rows, num_cols = w.shape
@@ -132,6 +187,18 @@ def quantize_q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     _check("x", x, _FLOAT32, 2)
     _check_in_features(x.shape[1])
     return _quantize_q8_blocks(x)
+
+
+def quantize_a16_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activations to 16-bit codes per block of 32, two int8 digits each (see _A16_RADIX): x ≈ xd·(254·coarse + fine).
+
+    x: (num_tokens, K) float32, K % 32 == 0 -> xq (num_tokens, 2, K) int8 (xq[:, 0] coarse digits in [-127, 127],
+    xq[:, 1] fine digits in [-127, 126]), xd (num_tokens, K // 32) float32 = max|block| / 32258, xsum (num_tokens,
+    K // 32) int32 = Σ (254·coarse + fine) over each block.
+    """
+    _check("x", x, _FLOAT32, 2)
+    _check_in_features(x.shape[1])
+    return _quantize_a16_blocks(x)
 
 
 def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +327,8 @@ def dequantize_rows_q8_0(wq: np.ndarray, wd: np.ndarray, row_ids: np.ndarray) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Portable matmuls: one int32 dot per block, then the lane-ordered float32 accumulation described at the top.
+# Portable matmuls: one int32 dot per block, then the lane-ordered float32 accumulation described at the top. Every
+# matmul takes xq (T, K) int8 codes or (T, 2, K) int8 A16 digits: read as (T, num_digits, K), one digit for int8.
 
 
 @njit(cache=True, nogil=True)
@@ -277,19 +345,30 @@ def _sum_lanes(lanes: np.ndarray) -> np.float32:
 
 
 @njit(cache=True, nogil=True)
-def _dot_block(wq_row: np.ndarray, xq_row: np.ndarray, block: int, fmt: int) -> tuple[int, int]:
-    """(Σ code·q, Σ q) over one block of a row. Q4 (kernel order): code byte j holds elements j (low nibble), j + 16."""
+def _activation_code(digits: np.ndarray, col: int) -> np.int32:
+    """The integer code of one activation from its digits (num_digits, K) int8, most significant first, base 254."""
+    code = np.int32(0)
+    for digit in range(digits.shape[0]):
+        code = code * np.int32(_A16_RADIX) + np.int32(digits[digit, col])
+    return code
+
+
+@njit(cache=True, nogil=True)
+def _dot_block(wq_row: np.ndarray, digits: np.ndarray, block: int, fmt: int) -> tuple[int, int]:
+    """(Σ code·q, Σ q) over one block of a row, q the activation codes of one token from its digits (num_digits, K)
+    int8: the A16 digits' two dots come out of one pass over the weights. Q4 (kernel order): code byte j holds
+    elements j (low nibble), j + 16 (high nibble)."""
     block_bytes = 32 if fmt == _FMT_Q8_0 else 16
-    base, stride = _block_base_stride(block, 0 if fmt == _FMT_Q8_0 else xq_row.shape[0] // 512, block_bytes)
+    base, stride = _block_base_stride(block, 0 if fmt == _FMT_Q8_0 else digits.shape[1] // 512, block_bytes)
     dot = np.int32(0)
     total = np.int32(0)
     for j in range(block_bytes):
         code = np.int32(wq_row[base + j // 4 * stride + j % 4])
-        low = np.int32(xq_row[block * 32 + j])
+        low = _activation_code(digits, block * 32 + j)
         if fmt == _FMT_Q8_0:
             dot += ((code ^ 128) - 128) * low
         else:
-            high = np.int32(xq_row[block * 32 + 16 + j])
+            high = _activation_code(digits, block * 32 + 16 + j)
             dot += (code & 15) * low + (code >> 4) * high
             total += low + high
     return dot, total
@@ -301,13 +380,14 @@ def _matmul_portable(
 ) -> np.ndarray:
     num_tokens = xq.shape[0]
     num_rows, num_blocks = wd.shape
+    digits = xq.reshape((num_tokens, -1, num_blocks * 32))  # (num_tokens, num_digits, K) int8
     out = np.empty((num_tokens, num_rows), np.float32)  # (num_tokens, N) float32
     for row in prange(num_rows):
         lanes = np.empty(_NUM_LANES, np.float32)  # (16,) float32 partial sums of this row and one token
         for token in range(num_tokens):
             lanes[:] = 0
             for block in range(num_blocks):
-                dot, total = _dot_block(wq[row], xq[token], block, fmt)
+                dot, total = _dot_block(wq[row], digits[token], block, fmt)
                 scale = wd[row, block] * xd[token, block]
                 if fmt == _FMT_Q4_1:
                     act_sum = xd[token, block] * np.float32(xsum[token, block])
@@ -327,6 +407,14 @@ def _quantize_matmul_portable(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm:
     return _matmul_portable(xq, xd, xsum, wq, wd, wm, fmt)
 
 
+@njit(cache=True, nogil=True)
+def _quantize_a16_matmul_portable(
+    x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
+) -> np.ndarray:
+    xq, xd, xsum = _quantize_a16_blocks(x)
+    return _matmul_portable(xq, xd, xsum, wq, wd, wm, fmt)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Vector matmuls (llvmlite IR). A step covers 16 blocks of a weight row: a byte dot (vpdpbusd on VNNI, unsigned × signed
 # bytes, 4 products per int32 lane) of each 64-byte weight vector with its activation vector leaves block l's partial
@@ -334,6 +422,8 @@ def _quantize_matmul_portable(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm:
 # or 8 (Q8) lanes.
 # The 16 block dots are scaled and added to the 16 float32 lanes as one vector. Signed weights ride the unsigned
 # operand via an offset and a correction: Σ (n - 8)·q = Σ n·q - 8·Σq for Q4_0, Σ w·q = Σ (w + 128)·q - 128·Σq for Q8_0.
+# A16: each unpacked weight vector meets both activation digits (two byte dots), so the weights are read once; the block
+# dot 254·Σ w·coarse + Σ w·fine is then an exact int32 (|.| < 2^29), scaled like an int8 one.
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -358,7 +448,7 @@ def _lane_indices(indices: list[int]) -> ir.Constant:
 
 
 def _row_pointer(context, builder: ir.IRBuilder, array_type, array_value, row: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """(i8* to array[row, 0], number of columns) of a C-contiguous 2-D array."""
+    """(i8* to the start of array[row], size of dimension 1) of a C-contiguous array of 2 or more dimensions."""
     array = context.make_array(array_type)(context, builder, array_value)
     row_stride_bytes = builder.extract_value(array.strides, 0)
     data = builder.bitcast(array.data, _I8.as_pointer())
@@ -418,7 +508,7 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
 
     tail: number of real blocks (< 16) in a row's last, partial step, else None. Only the first num_active_loads
     weight vectors hold real blocks; the rest are known zeros and cost nothing. Each weight vector is loaded and
-    unpacked once for all tokens, each activation vector once for all rows.
+    unpacked once for all tokens and activation digits, each activation vector once for all rows.
     """
     bytes_per_block = 32 if fmt == _FMT_Q8_0 else 16
     num_loads = bytes_per_block // 4  # 64-byte weight vectors per 16 blocks
@@ -445,31 +535,40 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
         weight_scales.append((_load(builder, rows["wd"], scale_offset, _FLOATS, float_mask), mins))
     zero = ir.Constant(_INTS, None)
     num_parts = 1 if fmt == _FMT_Q8_0 else 2
+    radix = ir.Constant(_INTS, [ir.Constant(_I32, _A16_RADIX)] * 16)
     for token, acts in enumerate(token_rows):
         # The activations were laid out to meet the weight vectors byte for byte (see _pad_activations).
-        act_vectors = [[_load(builder, acts["xp"], builder.add(act_offset, _const(64 * (num_parts * load + part))),
-                              _BYTES, None) for part in range(num_parts)] for load in range(num_active_loads)]
+        act_vectors = [[[_load(builder, digit_row, builder.add(act_offset, _const(64 * (num_parts * load + part))),
+                               _BYTES, None) for part in range(num_parts)] for load in range(num_active_loads)]
+                       for digit_row in acts["xp"]]  # [digit][load][part]
         correction = _load(builder, acts["xc"], scale_offset, _INTS, None) if fmt != _FMT_Q4_1 else None
         act_scales = _load(builder, acts["xd"], scale_offset, _FLOATS, None)
         act_sums = _load(builder, acts["xs"], scale_offset, _FLOATS, None) if fmt == _FMT_Q4_1 else None
         for row in range(len(weight_rows)):
-            block_dots = []  # one partial dot vector per weight vector
-            for load in range(num_active_loads):
-                dot = zero
-                for part in range(num_parts):
-                    dot = _dot_bytes(builder, dot, unsigned_weights[row][load][part], act_vectors[load][part], vnni)
-                block_dots.append(dot)
-            if tail is None and fmt != _FMT_Q8_0:
-                # Kernel order: lane l of every vector belongs to block l, so the vectors just add up.
-                while len(block_dots) > 1:
-                    block_dots = [builder.add(block_dots[i], block_dots[i + 1]) for i in range(0, len(block_dots), 2)]
-            else:
-                # GGUF order: each 64-byte vector covers 4 (Q4) or 2 (Q8) whole blocks; fold lanes to one per block.
-                block_dots += [zero] * (num_loads - num_active_loads)
-                while len(block_dots) > 1:
-                    block_dots = [_fold_pairs(builder, block_dots[i], block_dots[i + 1])
-                                  for i in range(0, len(block_dots), 2)]
-            dots = block_dots[0]  # <16 x i32>: lane i = block block0 + i
+            dots = None  # <16 x i32>: lane i = the code dot of block block0 + i, digits combined most significant first
+            for digit_vectors in act_vectors:
+                kernel_order = tail is None and fmt != _FMT_Q8_0
+                loads_per_chain = int(__import__("os").environ.get("CHAIN", "1")) if kernel_order else 1
+                block_dots = []  # one partial dot vector per chain of weight vectors
+                for first in range(0, num_active_loads, loads_per_chain):
+                    dot = zero
+                    for load in range(first, min(first + loads_per_chain, num_active_loads)):
+                        for part in range(num_parts):
+                            dot = _dot_bytes(builder, dot, unsigned_weights[row][load][part],
+                                             digit_vectors[load][part], vnni)
+                    block_dots.append(dot)
+                if kernel_order:
+                    # Kernel order: lane l of every vector belongs to block l, so the vectors just add up.
+                    while len(block_dots) > 1:
+                        block_dots = [builder.add(block_dots[i], block_dots[i + 1])
+                                      for i in range(0, len(block_dots), 2)]
+                else:
+                    # GGUF order: each 64-byte vector covers 4 (Q4) or 2 (Q8) whole blocks; fold lanes to one per block.
+                    block_dots += [zero] * (num_loads - num_active_loads)
+                    while len(block_dots) > 1:
+                        block_dots = [_fold_pairs(builder, block_dots[i], block_dots[i + 1])
+                                      for i in range(0, len(block_dots), 2)]
+                dots = block_dots[0] if dots is None else builder.add(builder.mul(dots, radix), block_dots[0])
             if correction is not None:
                 dots = builder.sub(dots, correction)
             scales, mins = weight_scales[row]
@@ -489,6 +588,16 @@ def _sum_lanes_ir(builder: ir.IRBuilder, lanes: ir.Value) -> ir.Value:
     return builder.extract_element(lanes, ir.Constant(_I32, 0))
 
 
+def _digit_pointers(context, builder: ir.IRBuilder, array_type, array_value, token: ir.Value) -> list[ir.Value]:
+    """i8* to each activation digit's padded row of one token: xp (T, padded K) int8 holds one digit (int8 codes),
+    (T, 2, padded K) int8 two (A16). The count is the array's number of dimensions, known when the kernel compiles."""
+    row, _ = _row_pointer(context, builder, array_type, array_value, token)
+    if array_type.ndim == 2:
+        return [row]
+    digit_stride_bytes = builder.extract_value(context.make_array(array_type)(context, builder, array_value).strides, 1)
+    return [row, builder.gep(row, [digit_stride_bytes])]
+
+
 def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int, vnni: bool) -> ir.Value:
     """Outputs (rows[r], tokens[t]) of the lane-ordered block sum, returned as a flat tuple of float32, row-major."""
     weight_rows = []
@@ -502,7 +611,8 @@ def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int, vnni: bo
     for token in cgutils.unpack_tuple(builder, args[8], sig.args[8].count):
         token = context.cast(builder, token, sig.args[8].dtype, types.int64)
         token_rows.append({name: _row_pointer(context, builder, sig.args[position], args[position], token)[0]
-                           for name, position in (("xp", 4), ("xd", 5), ("xc", 6), ("xs", 7))})
+                           for name, position in (("xd", 5), ("xc", 6), ("xs", 7))})
+        token_rows[-1]["xp"] = _digit_pointers(context, builder, sig.args[4], args[4], token)
     lanes = [[cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None)) for _ in token_rows] for _ in weight_rows]
     num_steps = builder.udiv(num_blocks, _const(16))
     num_loads = 8 if fmt == _FMT_Q8_0 else 4
@@ -530,6 +640,8 @@ def _make_tile_dot(fmt: int, vnni: bool):
     """An intrinsic (wq, wd, wm, rows, xp, xd, xc, xs, tokens) -> tuple of float32, one per (row, token), row-major."""
 
     def tile_dot(typingctx, wq, wd, wm, rows, xp, xd, xc, xs, tokens):
+        if xp.ndim not in (2, 3):
+            raise TypeError(f"xp must be (T, padded K) or (T, 2, padded K) int8, got {xp}")
         num_outputs = rows.count * tokens.count
         signature = types.UniTuple(types.float32, num_outputs)(wq, wd, wm, rows, xp, xd, xc, xs, tokens)
 
@@ -556,39 +668,47 @@ def _pad_activations(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, fmt: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The activation side of the VNNI step, laid out to meet each 64-byte weight vector byte for byte, and zero-padded
-    to whole steps of 16 blocks so no activation load is masked.
+    to whole steps of 16 blocks so no activation load is masked. xq (T, K) int8 codes or (T, 2, K) int8 A16 digits
+    -> xp of the same dimensions, each digit's row laid out alike; xc and xs are taken over the whole codes.
 
     Q4 full groups of 16 blocks: the 4 low-nibble partners of code bytes 4i..4i+3 of block l (elements 4i..4i+3) go
     to lane l of vector 2i, the 4 high-nibble partners (elements 16+4i..16+4i+3) to lane l of vector 2i+1. Q4 tail
     blocks: per 4 blocks their 64 low-nibble partners then their 64 high-nibble ones, matching GGUF-order codes.
     Q8_0: natural order.
     """
-    num_tokens, num_cols = xq.shape
+    num_tokens, num_cols = xq.shape[0], xq.shape[-1]
     num_blocks = num_cols // 32
     num_grouped = 0 if fmt == _FMT_Q8_0 else num_blocks // 16 * 16
     padded_blocks = (num_blocks + 15) // 16 * 16
-    xp = np.zeros((num_tokens, padded_blocks * 32), np.int8)  # (num_tokens, padded K) int8, weight-matching order
+    xp = np.zeros((*xq.shape[:-1], padded_blocks * 32), np.int8)  # (num_tokens, [2,] padded K) int8, weight order
+    digits = xq.reshape((num_tokens, -1, num_cols))  # (num_tokens, num_digits, K) int8 view
+    padded_digits = xp.reshape((num_tokens, -1, padded_blocks * 32))  # (num_tokens, num_digits, padded K) int8 view
     xdp = np.zeros((num_tokens, padded_blocks), np.float32)  # (num_tokens, padded K // 32) float32
     xc = np.zeros((num_tokens, padded_blocks), np.int32)  # (num_tokens, padded K // 32) int32 offset correction
     xs = np.zeros((num_tokens, padded_blocks), np.float32)  # (num_tokens, padded K // 32) float32 xd · Σq (Q4_1)
     correction = 128 if fmt == _FMT_Q8_0 else 8 if fmt == _FMT_Q4_0 else 0
     for token in range(num_tokens):
-        for block in range(num_blocks):
-            total = np.int32(0)
-            for quad in range(8):
-                if block < num_grouped:
-                    dst = block // 16 * 512 + block % 16 * 4 + quad % 4 * 128 + quad // 4 * 64
-                else:
-                    tail = block - num_grouped
-                    dst = num_grouped * 32
-                    if fmt == _FMT_Q8_0:
-                        dst += tail * 32 + quad * 4
+        for digit in range(digits.shape[1]):
+            # Quads (4 consecutive activations) stay together: move them as int32 words.
+            words = digits[token, digit].view(np.int32)  # (K // 4,) int32
+            padded_words = padded_digits[token, digit].view(np.int32)  # (padded K // 4,) int32
+            for block in range(num_blocks):
+                for quad in range(8):
+                    if block < num_grouped:
+                        dst = block // 16 * 128 + block % 16 + quad % 4 * 32 + quad // 4 * 16
+                    elif fmt == _FMT_Q8_0:
+                        dst = block * 8 + quad
                     else:
-                        dst += tail // 4 * 128 + tail % 4 * 16 + quad // 4 * 64 + quad % 4 * 4
-                for i in range(4):
-                    value = xq[token, block * 32 + quad * 4 + i]
-                    xp[token, dst + i] = value
-                    total += np.int32(value)
+                        tail = block - num_grouped
+                        dst = num_grouped * 8 + tail // 4 * 32 + tail % 4 * 4 + quad // 4 * 16 + quad % 4
+                    padded_words[dst] = words[block * 8 + quad]
+        for block in range(num_blocks):
+            total = np.int32(0)  # Σ codes = Σ digit sums, most significant first, base 254
+            for digit in range(digits.shape[1]):
+                digit_sum = np.int32(0)
+                for col in range(block * 32, block * 32 + 32):
+                    digit_sum += np.int32(digits[token, digit, col])
+                total = total * np.int32(_A16_RADIX) + digit_sum
             xdp[token, block] = xd[token, block]
             xc[token, block] = correction * total
             xs[token, block] = xd[token, block] * np.float32(xsum[token, block])
@@ -696,6 +816,18 @@ def _quantize_matmul_simd(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.
     return _matmul_simd(xq, xd, xsum, wq, wd, wm, fmt)
 
 
+@njit(cache=True, nogil=True)
+def _quantize_a16_matmul_vnni(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
+    xq, xd, xsum = _quantize_a16_blocks(x)
+    return _matmul_vnni(xq, xd, xsum, wq, wd, wm, fmt)
+
+
+@njit(cache=True, nogil=True)
+def _quantize_a16_matmul_simd(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
+    xq, xd, xsum = _quantize_a16_blocks(x)
+    return _matmul_simd(xq, xd, xsum, wq, wd, wm, fmt)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Public wrappers: check dtype, shape and C order (cheaply: a decode step makes hundreds of calls), then call the path
 # chosen once at import. The private twins take every format's codes as raw uint8 bytes (Q8_0's int8 codes viewed as
@@ -716,6 +848,10 @@ KERNEL_PATH = _select_kernel_path()
 _MATMUL = {"avx512_vnni": _matmul_vnni, "simd": _matmul_simd, "portable": _matmul_portable}[KERNEL_PATH]
 _QUANTIZE_MATMUL = {
     "avx512_vnni": _quantize_matmul_vnni, "simd": _quantize_matmul_simd, "portable": _quantize_matmul_portable
+}[KERNEL_PATH]
+_QUANTIZE_A16_MATMUL = {
+    "avx512_vnni": _quantize_a16_matmul_vnni, "simd": _quantize_a16_matmul_simd,
+    "portable": _quantize_a16_matmul_portable,
 }[KERNEL_PATH]
 
 
@@ -768,10 +904,14 @@ def check_weights(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None, code_dt
     return in_features
 
 
-def _check_activations(xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray | None, in_features: int) -> None:
-    _check("xq", xq, _INT8, 2)
-    if xq.shape[1] != in_features:
-        raise ValueError(f"xq has {xq.shape[1]} columns but the weight has in_features={in_features}")
+def _check_activations(xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray | None, in_features: int,
+                       num_digits: int = 1) -> None:
+    """int8 codes (num_digits 1): xq (T, K) int8; A16 digits (num_digits 2): xq (T, 2, K) int8."""
+    _check("xq", xq, _INT8, 2 if num_digits == 1 else 3)
+    if num_digits > 1 and xq.shape[1] != num_digits:
+        raise ValueError(f"xq must have shape (T, {num_digits}, K) for {num_digits} digits, got {xq.shape}")
+    if xq.shape[-1] != in_features:
+        raise ValueError(f"xq has {xq.shape[-1]} columns but the weight has in_features={in_features}")
     _check("xd", xd, _FLOAT32, (xq.shape[0], in_features // BLOCK_SIZE))
     if xsum is not None:
         _check("xsum", xsum, _INT32, xd.shape)
@@ -833,3 +973,44 @@ def quantize_matmul_q8_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.nd
     """quantize_q8_blocks(x) then matmul_q8_0, in one call. x (T, K) float32 -> (T, N) float32."""
     _check_float_input(x, check_weights(wq, wd, None, _INT8))
     return _QUANTIZE_MATMUL(x, wq.view(np.uint8), wd, wd, _FMT_Q8_0)
+
+
+def matmul_q4_0_a16(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """matmul_q4_0 with A16 activations: xq (T, 2, K) int8 digits, xd (T, K // 32) float32 from quantize_a16_blocks
+    -> (T, N) float32 = Σ_b wd·xd·Σ (nibble - 8)·(254·coarse + fine), in the same fixed order."""
+    _check_activations(xq, xd, None, check_weights(wq, wd, None, _UINT8), num_digits=2)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
+
+
+def matmul_q4_1_a16(
+    xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray
+) -> np.ndarray:
+    """matmul_q4_1 with A16 activations from quantize_a16_blocks (xsum (T, K // 32) int32 = Σ codes per block)
+    -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·(254·coarse + fine) + wm·xd·xsum]."""
+    _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, _UINT8), num_digits=2)
+    return _MATMUL(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
+
+
+def matmul_q8_0_a16(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """matmul_q8_0 with A16 activations from quantize_a16_blocks -> (T, N) float32
+    = Σ_b wd·xd·Σ w·(254·coarse + fine)."""
+    _check_activations(xq, xd, None, check_weights(wq, wd, None, _INT8), num_digits=2)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
+
+
+def quantize_matmul_q4_0_a16(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """quantize_a16_blocks(x) then matmul_q4_0_a16, in one call. x (T, K) float32 -> (T, N) float32."""
+    _check_float_input(x, check_weights(wq, wd, None, _UINT8))
+    return _QUANTIZE_A16_MATMUL(x, wq, wd, wd, _FMT_Q4_0)
+
+
+def quantize_matmul_q4_1_a16(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """quantize_a16_blocks(x) then matmul_q4_1_a16, in one call. x (T, K) float32 -> (T, N) float32."""
+    _check_float_input(x, check_weights(wq, wd, wm, _UINT8))
+    return _QUANTIZE_A16_MATMUL(x, wq, wd, wm, _FMT_Q4_1)
+
+
+def quantize_matmul_q8_0_a16(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
+    """quantize_a16_blocks(x) then matmul_q8_0_a16, in one call. x (T, K) float32 -> (T, N) float32."""
+    _check_float_input(x, check_weights(wq, wd, None, _INT8))
+    return _QUANTIZE_A16_MATMUL(x, wq.view(np.uint8), wd, wd, _FMT_Q8_0)

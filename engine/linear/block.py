@@ -10,6 +10,12 @@ from engine.formats.ggml import BLOCK_GEOMETRY, GGMLType
 from engine.kernels import blockq
 
 SUPPORTED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
+# Activation precision of __call__: 16 (blockq's A16: 16-bit codes as two int8 digits) or 8 (llama.cpp's Q8
+# activations). 16 by default: a weight-only-quantized GGUF model ran in float, and int8 activations through every
+# layer of SmolLM2-135M move its best logits by up to ~0.8 against the float run (enough to flip a greedy answer);
+# with A16 they are within ~0.02. Decode, which reads each weight once per token, stays near the int8 speed (both
+# digits meet each weight vector in one pass); compute-bound prefill does twice the byte dots.
+ACTIVATION_BITS = (8, 16)
 # Byte offset of the quantized values inside a GGUF block: after fp16 d (and fp16 m for Q4_1).
 _CODES_OFFSET = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q8_0: 2}
 
@@ -17,17 +23,21 @@ _CODES_OFFSET = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q8_0: 2}
 class BlockQuantLinear:
     """y = x @ W.T for W stored in 32-element blocks with an fp16 scale (and min): the Linear protocol.
 
-    Activations are quantized to int8 per block of 32 (llama.cpp's Q8 activations), each block's dot is exact in
-    int32, and blocks are summed in one fixed order whatever the batch, so the layer is batch invariant.
+    Activations are quantized per block of 32, to 16-bit codes (default) or int8 (activation_bits=8), each block's
+    dot is exact in int32, and blocks are summed in one fixed order whatever the batch, so the layer is batch invariant.
     """
 
-    def __init__(self, ggml_type: GGMLType, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None = None) -> None:
-        """wq, wd, wm: the structure-of-arrays blocks described below (Q4 codes already in kernel order)."""
+    def __init__(self, ggml_type: GGMLType, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None = None,
+                 activation_bits: int = 16) -> None:
+        """wq, wd, wm: the structure-of-arrays blocks described below (Q4 codes already in kernel order);
+        activation_bits: 16 or 8, the precision of __call__ (see ACTIVATION_BITS)."""
         ggml_type = GGMLType(ggml_type)
         if ggml_type not in SUPPORTED_TYPES:
             raise ValueError(f"BlockQuantLinear supports {[t.name for t in SUPPORTED_TYPES]}, got {ggml_type!r}")
         if (wm is not None) != (ggml_type == GGMLType.Q4_1):
             raise ValueError(f"{ggml_type.name}: block minimums (wm) are given exactly for Q4_1")
+        if activation_bits not in ACTIVATION_BITS:
+            raise ValueError(f"activation_bits must be one of {ACTIVATION_BITS}, got {activation_bits!r}")
         code_dtype = np.int8 if ggml_type == GGMLType.Q8_0 else np.uint8
         self.in_features = blockq.check_weights(wq, wd, wm, code_dtype)
         self.out_features = wq.shape[0]
@@ -39,9 +49,11 @@ class BlockQuantLinear:
         self.wq = wq
         self.wd = wd  # (out_features, in_features // 32) float32: fp16 block scales, widened
         self.wm = wm  # (out_features, in_features // 32) float32: Q4_1 fp16 block minimums, widened; else None
+        self.activation_bits = activation_bits
 
     @classmethod
-    def from_gguf_blocks(cls, ggml_type: GGMLType, raw: np.ndarray, in_features: int) -> BlockQuantLinear:
+    def from_gguf_blocks(cls, ggml_type: GGMLType, raw: np.ndarray, in_features: int,
+                         activation_bits: int = 16) -> BlockQuantLinear:
         """raw: (out_features, row_bytes) uint8, each row in_features // 32 blocks exactly as stored in a GGUF file."""
         ggml_type = GGMLType(ggml_type)
         if ggml_type not in SUPPORTED_TYPES:
@@ -66,21 +78,22 @@ class BlockQuantLinear:
             if scales is not None and not np.isfinite(scales).all():
                 row = int(np.nonzero(~np.isfinite(scales).all(axis=1))[0][0])
                 raise ValueError(f"non-finite fp16 block {name} in row {row}")
-        return cls(ggml_type, wq, wd, wm)
+        return cls(ggml_type, wq, wd, wm, activation_bits)
 
     @classmethod
-    def quantize(cls, w: np.ndarray, ggml_type: GGMLType) -> BlockQuantLinear:
+    def quantize(cls, w: np.ndarray, ggml_type: GGMLType, activation_bits: int = 16) -> BlockQuantLinear:
         """w: (out_features, in_features) float32 -> blocks with ggml's reference rounding (same bytes as gguf's)."""
         ggml_type = GGMLType(ggml_type)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if ggml_type == GGMLType.Q4_0:
             wq, wd = blockq.quantize_q4_0(w)
-            return cls(ggml_type, blockq.to_kernel_order(wq), wd)
+            return cls(ggml_type, blockq.to_kernel_order(wq), wd, None, activation_bits)
         if ggml_type == GGMLType.Q4_1:
             wq, wd, wm = blockq.quantize_q4_1(w)
-            return cls(ggml_type, blockq.to_kernel_order(wq), wd, wm)
+            return cls(ggml_type, blockq.to_kernel_order(wq), wd, wm, activation_bits)
         if ggml_type == GGMLType.Q8_0:
-            return cls(ggml_type, *blockq.quantize_q8_0(w))
+            wq, wd = blockq.quantize_q8_0(w)
+            return cls(ggml_type, wq, wd, None, activation_bits)
         raise ValueError(f"BlockQuantLinear supports {[t.name for t in SUPPORTED_TYPES]}, got {ggml_type.name}")
 
     def to_gguf_blocks(self) -> np.ndarray:
@@ -94,7 +107,20 @@ class BlockQuantLinear:
         return np.concatenate(fields, axis=2).reshape(num_rows, num_blocks * BLOCK_GEOMETRY[self.ggml_type][1])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x: (num_tokens, in_features) float32, C-contiguous -> (num_tokens, out_features) float32."""
+        """x: (num_tokens, in_features) float32, C-contiguous -> (num_tokens, out_features) float32, with
+        activations quantized to self.activation_bits."""
+        if self.activation_bits == 8:
+            return self.matmul_int8(x)
+        if self.ggml_type == GGMLType.Q4_0:
+            return blockq.quantize_matmul_q4_0_a16(x, self.wq, self.wd)
+        if self.ggml_type == GGMLType.Q4_1:
+            return blockq.quantize_matmul_q4_1_a16(x, self.wq, self.wd, self.wm)
+        return blockq.quantize_matmul_q8_0_a16(x, self.wq, self.wd)
+
+    def matmul_int8(self, x: np.ndarray) -> np.ndarray:
+        """The product with int8 activations whatever activation_bits is: for a coarse pass where speed matters more
+        than the last bits (the output head's ranking). x: (num_tokens, in_features) float32 -> (num_tokens,
+        out_features) float32."""
         if self.ggml_type == GGMLType.Q4_0:
             return blockq.quantize_matmul_q4_0(x, self.wq, self.wd)
         if self.ggml_type == GGMLType.Q4_1:
@@ -102,8 +128,9 @@ class BlockQuantLinear:
         return blockq.quantize_matmul_q8_0(x, self.wq, self.wd)
 
     def matmul_quantized(self, xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray) -> np.ndarray:
-        """The same product from activations already quantized by blockq.quantize_q8_blocks, so layers reading the
-        same input (q/k/v, gate/up) can share one quantization. -> (num_tokens, out_features) float32."""
+        """matmul_int8 from activations already quantized by blockq.quantize_q8_blocks (int8, whatever
+        activation_bits is), so layers reading the same input can share one quantization. -> (num_tokens,
+        out_features) float32."""
         if self.ggml_type == GGMLType.Q4_0:
             return blockq.matmul_q4_0(xq, xd, self.wq, self.wd)
         if self.ggml_type == GGMLType.Q4_1:
@@ -125,7 +152,7 @@ class BlockQuantLinear:
 
     def __repr__(self) -> str:
         shape = f"out_features={self.out_features}, in_features={self.in_features}"
-        return f"BlockQuantLinear({self.ggml_type.name}, {shape})"
+        return f"BlockQuantLinear({self.ggml_type.name}, {shape}, activation_bits={self.activation_bits})"
 
 
 def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:

@@ -33,7 +33,7 @@ class PreciseQ8Head:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: (num_tokens, in_features) float32 -> (num_tokens, out_features) float32 logits."""
-        logits = self.table(x)  # (T, vocab) float32, int8 activations
+        logits = self.table.matmul_int8(x)  # (T, vocab) float32: int8 activations suffice to pick the candidates
         k = self.num_refined
         candidates = np.argpartition(logits, -k, axis=1)[:, -k:]  # (T, k) int64, each token's best k
         for t in range(len(x)):  # per token, so a token's logits never depend on the rest of the batch

@@ -27,6 +27,9 @@ async def chat_completions(body: protocol.ChatCompletionRequest, http_request: R
                                                                 tokenize=True)
     except ValueError as exc:
         raise APIError.invalid_request(f"chat template: {exc}", param="messages") from None
+    if not prompt_ids:
+        raise APIError.invalid_request("the chat template rendered these messages to an empty prompt",
+                                       param="messages")
     params = body.to_sampling_params(default_max_tokens(served, len(prompt_ids)))
     group = admit(state, served, prompt_ids, params)
     if body.stream:

@@ -69,6 +69,10 @@ def default_max_tokens(served: ServedModel, num_prompt_tokens: int) -> int:
 
 def admit(state: AppState, served: ServedModel, prompt_ids: list[int], params: SamplingParams) -> RequestGroup:
     """Check the request fits, then queue it; 400 if it can never fit, 429 if the queue is full."""
+    vocab_size = served.model.args.vocab_size
+    if any(not 0 <= token_id < vocab_size for token_id, _ in params.logit_bias):
+        raise APIError.invalid_request(f"logit_bias token ids must lie in [0, {vocab_size}) for this model",
+                                       param="logit_bias")
     try:
         served.engine_loop.engine.check_fits(len(prompt_ids), params.max_tokens)
     except RequestRejectedError as exc:
