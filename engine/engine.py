@@ -161,9 +161,16 @@ class LLMEngine:
                 stats.num_prompt_tokens += len(request.prompt_ids)
             if request.num_computed_tokens < request.num_tokens:
                 continue  # a prefill chunk that did not reach the end of the prompt yet
-            token_id, logprob, top = request.sampler.sample(logits[sampled_row], request.output_counts)
+            row = logits[sampled_row]
             sampled_row += 1
-            self._append_token(request, token_id, logprob, top, now, stats)
+            try:
+                token_id, logprob, top = request.sampler.sample(row, request.output_counts)
+                self._append_token(request, token_id, logprob, top, now, stats)
+            except Exception as exc:  # one request's sampling or detokenizing failure must not stop the engine
+                logger.exception("request %s failed after its forward pass", request.request_id)
+                if not request.is_finished:
+                    self.scheduler.finish(request, FinishReason.ERROR)
+                    self._emit_finished(request, "", [], [], error=f"sampling failed: {exc}")
 
     def _append_token(self, request: Request, token_id: int, logprob: float, top: list[tuple[int, float]] | None,
                       now: float, stats: StepStats) -> None:

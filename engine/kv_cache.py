@@ -221,6 +221,12 @@ class KVCache:
                     self._free_cached[block] = None
                 else:
                     self._free_plain.append(block)
+        # Keep at most a quarter of the pool as free-but-cached prefixes. Beyond that the oldest become plain free
+        # blocks, reused first (LIFO), so resident memory plateaus instead of creeping over untouched pool pages.
+        while len(self._free_cached) > self.num_blocks // 4:
+            block, _ = self._free_cached.popitem(last=False)
+            del self._cached[self._block_key.pop(block)]
+            self._free_plain.append(block)
 
     def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """Cached blocks holding the longest run of full blocks that starts `token_ids`, cut to whole exact windows

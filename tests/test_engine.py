@@ -154,3 +154,19 @@ def test_logits_rows_are_batch_invariant(model: LoadedModel) -> None:
         model.transformer.forward = original
     for row, expected in zip(captured[0], alone, strict=True):
         np.testing.assert_array_equal(row, expected)
+
+
+def test_failing_sampler_fails_only_its_request(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(model)
+    outputs: dict[str, list[RequestOutput]] = {}
+    broken = _request(model, 0, PROMPTS[0], outputs)
+    healthy = _request(model, 1, PROMPTS[1], outputs)
+
+    def explode(logits, counts):
+        raise RuntimeError("injected sampler fault")
+
+    monkeypatch.setattr(broken.sampler, "sample", explode)
+    _run(engine, [broken, healthy])
+    assert outputs["r0"][-1].finish_reason is FinishReason.ERROR and "injected sampler fault" in outputs["r0"][-1].error
+    assert len(_tokens(outputs["r1"])) == 12 and outputs["r1"][-1].finish_reason is FinishReason.LENGTH
+    assert engine.cache.num_used_blocks == 0

@@ -521,7 +521,7 @@ def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BITSERVE_MODELS_DIR", raising=False)
     settings = settings_from_args(_parse_serve([]))
     assert (settings.host, settings.port, settings.kv_cache_dtype, settings.max_num_seqs) == ("127.0.0.1", 8000,
-                                                                                               "fp16", 16)
+                                                                                               "q4", 16)
     assert (settings.api_keys, settings.admin_token, settings.max_body_bytes) == ((), None, 1 << 20)
     assert settings.threads >= 1 and settings.models_dir.name == "models"
 
