@@ -12,6 +12,7 @@ import numpy as np
 
 from engine.config import DEFAULT_KV_CACHE_DTYPE, KVCacheDType
 from engine.kv_cache import KVCache
+from engine.linear.fuse import fuse_projections
 from engine.model import ForwardBatch, Transformer
 from engine.tokenizer import Tokenizer
 from engine.weights import ModelWeights
@@ -20,10 +21,11 @@ from engine.weights import ModelWeights
 class LoadedModel:
     def __init__(self, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path | None = None,
                  kv_cache_dtype: KVCacheDType = DEFAULT_KV_CACHE_DTYPE) -> None:
-        self.weights = weights
+        # q|k|v and gate|up fused where their layouts allow; the separate matrices become views of the fused ones.
+        self.weights = fuse_projections(weights)
         self.kv_cache_dtype = kv_cache_dtype  # what generate() stores keys and values as, like the served engine
         self.args = weights.args
-        self.transformer = Transformer(weights)
+        self.transformer = Transformer(self.weights)
         self.tokenizer = tokenizer
         self.source = source
 

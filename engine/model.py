@@ -11,6 +11,7 @@ import numpy as np
 
 from engine.config import ModelArgs
 from engine.kernels.attention import AttentionPlan, paged_attention, plan_attention
+from engine.kernels.elementwise import add_rms_norm, apply_rope, gated_activation, rms_norm
 from engine.kernels.kv_quant import store_window, write_kv
 from engine.kv_cache import KVCache
 from engine.weights import LayerWeights, ModelWeights
@@ -26,14 +27,9 @@ class ForwardBatch:
     window_slots: np.ndarray  # (num_seqs,) int32, from KVCache.window_slots (same sequences, same order)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x: (num_tokens, dim) float32 -> x / sqrt(mean(x^2) + eps) * weight, in float32."""
-    variance = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
-    return (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps)))) * weight
-
-
 class RotaryEmbedding:
-    """Rotate-half RoPE (pairs j, j + head_dim/2), with cos/sin tables precomputed for every position."""
+    """Rotate-half RoPE (pairs j, j + head_dim/2), with cos/sin tables precomputed for every position; applied in
+    place by engine.kernels.elementwise.apply_rope."""
 
     def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
         inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
@@ -41,17 +37,10 @@ class RotaryEmbedding:
         self.cos = np.cos(angles)  # (max_positions, head_dim // 2) float32
         self.sin = np.sin(angles)  # (max_positions, head_dim // 2) float32
 
-    def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x: (num_tokens, num_heads, head_dim) float32 -> rotated copy, same shape."""
-        half = x.shape[-1] // 2
-        cos = self.cos[positions][:, None, :]  # (num_tokens, 1, head_dim // 2)
-        sin = self.sin[positions][:, None, :]
-        x1, x2 = x[..., :half], x[..., half:]
-        return np.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
-
 
 class Transformer:
     def __init__(self, weights: ModelWeights) -> None:
+        """`weights` with fused q|k|v and gate|up matrices where available (engine/linear/fuse.py)."""
         self.weights = weights
         self.args: ModelArgs = weights.args
         self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, self.args.max_position_embeddings)
@@ -67,19 +56,18 @@ class Transformer:
             hidden = self._layer(layer, layer_index, hidden, batch, cache, plan)
         if batch.logits_rows.size == 0:  # a step of prefill chunks only: nothing to sample yet
             return np.empty((0, self.args.vocab_size), dtype=np.float32)
-        hidden = rms_norm(hidden[batch.logits_rows], self.weights.final_norm, self.args.rms_norm_eps)
-        return self.weights.lm_head(np.ascontiguousarray(hidden))
+        hidden = rms_norm(np.ascontiguousarray(hidden[batch.logits_rows]), self.weights.final_norm,
+                          self.args.rms_norm_eps)
+        return self.weights.lm_head(hidden)
 
     def _layer(self, layer: LayerWeights, layer_index: int, hidden: np.ndarray, batch: ForwardBatch,
                cache: KVCache, plan: AttentionPlan) -> np.ndarray:
         args = self.args
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, layer.attn_norm, args.rms_norm_eps)
-        q = layer.q_proj(x).reshape(num_tokens, args.num_heads, args.head_dim)
-        k = layer.k_proj(x).reshape(num_tokens, args.num_kv_heads, args.head_dim)
-        v = layer.v_proj(x).reshape(num_tokens, args.num_kv_heads, args.head_dim)
-        q = self.rope(q, batch.positions)
-        k = self.rope(k, batch.positions)
+        q, k, v = self._qkv(layer, x)
+        apply_rope(q, batch.positions, self.rope.cos, self.rope.sin)
+        apply_rope(k, batch.positions, self.rope.cos, self.rope.sin)
         pool, window = cache.pool[layer_index], cache.window[layer_index]  # this layer's blocks and window buffers
         exact = write_kv(k, np.ascontiguousarray(v), pool, cache.layout, batch.block_tables, batch.seq_index,
                          batch.positions)
@@ -90,15 +78,28 @@ class Transformer:
         attn = attn.reshape(num_tokens, args.num_heads * args.head_dim)
         if layer.attn_sub_norm is not None:
             attn = rms_norm(attn, layer.attn_sub_norm, args.rms_norm_eps)
-        hidden = hidden + layer.o_proj(attn)
-
-        x = rms_norm(hidden, layer.ffn_norm, args.rms_norm_eps)
-        gate = layer.gate_proj(x)
-        up = layer.up_proj(x)
-        if args.hidden_act == "relu2":
-            act = np.square(np.maximum(gate, np.float32(0.0))) * up
+        x = add_rms_norm(hidden, layer.o_proj(attn), layer.ffn_norm, args.rms_norm_eps)  # hidden += o_proj(attn)
+        if layer.gate_up_proj is not None:
+            gate_up = layer.gate_up_proj(x)  # (num_tokens, 2 * intermediate_size) float32
         else:
-            act = gate / (np.float32(1.0) + np.exp(-gate)) * up
+            gate_up = np.concatenate((layer.gate_proj(x), layer.up_proj(x)), axis=1)
+        act = gated_activation(gate_up, relu2=args.hidden_act == "relu2")
         if layer.ffn_sub_norm is not None:
             act = rms_norm(act, layer.ffn_sub_norm, args.rms_norm_eps)
-        return hidden + layer.down_proj(np.ascontiguousarray(act))
+        hidden += layer.down_proj(act)
+        return hidden
+
+    def _qkv(self, layer: LayerWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> q (T, num_heads, head_dim), k and v (T, num_kv_heads, head_dim), contiguous float32."""
+        args = self.args
+        num_tokens = x.shape[0]
+        if layer.qkv_proj is None:
+            q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+        else:
+            qkv = layer.qkv_proj(x)  # (T, (num_heads + 2 * num_kv_heads) * head_dim) float32
+            q_end = args.num_heads * args.head_dim
+            k_end = q_end + args.num_kv_heads * args.head_dim
+            q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
+        return (np.ascontiguousarray(q).reshape(num_tokens, args.num_heads, args.head_dim),
+                np.ascontiguousarray(k).reshape(num_tokens, args.num_kv_heads, args.head_dim),
+                np.ascontiguousarray(v).reshape(num_tokens, args.num_kv_heads, args.head_dim))
