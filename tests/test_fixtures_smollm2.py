@@ -27,9 +27,10 @@ def test_teacher_forced_argmax_matches(smollm2: LoadedModel, fixtures_dir: Path,
     logits = smollm2.logits(np.concatenate([prompt_ids, greedy_ids[:-1]]))
     last_prompt_error = float(np.abs(logits[len(prompt_ids) - 1] - reference["last_logits"]).max())
     print(f"prompt{prompt_index}: max |Δ| of last-prompt logits = {last_prompt_error:.4f}")
-    # Q4_1 weights are the same in both runs; int8 activations per 32-block through 30 layers move logits of
-    # magnitude ~25 by about one (measured 1.03 and 0.87), as llama.cpp's Q8 activations do.
-    assert last_prompt_error < 1.5
+    # Q4_1 weights are the same in both runs; only activation rounding differs. int8 activations through 30 layers
+    # move logits of magnitude ~25 by about one; the 16-bit default measures 0.24 and 0.31 (the rest is the head's
+    # int8 coarse pass over logits outside its refined candidates).
+    assert last_prompt_error < 0.6
     checked = 0
     for step, (token, margin) in enumerate(zip(greedy_ids, reference["greedy_margins"], strict=True)):
         if margin > MARGIN_THRESHOLD:
@@ -48,12 +49,9 @@ def test_chat_prompt_renders_to_reference_ids(smollm2: LoadedModel, fixtures_dir
 
 
 def test_greedy_reply_is_sensible(smollm2: LoadedModel, fixtures_dir: Path) -> None:
+    """The reference's first step is a near tie ("The" over "L'Étoile", margin 0.08) that int8 activations tip the
+    wrong way; with the 16-bit activations of the Q4 layers the engine answers as transformers does."""
     case = json.loads((fixtures_dir / "smollm2" / "prompt0.json").read_text())
-    reference = np.load(fixtures_dir / "smollm2" / "prompt0.npz")
-    # The first reference step is a near tie ("The" over "L", margin 0.08): it flips with any rounding change
-    # (exact float64 attention picks "L"), so the reply starts from the reference's first token.
-    assert reference["greedy_margins"][0] < MARGIN_THRESHOLD
-    first = int(reference["greedy_ids"][0])
-    ids = smollm2.generate([*case["prompt_ids"], first], max_new_tokens=16, stop_token_ids=smollm2.eos_token_ids)
-    reply = smollm2.tokenizer.decode([first, *ids], skip_special_tokens=True)
-    assert "Paris" in reply, reply
+    ids = smollm2.generate(case["prompt_ids"], max_new_tokens=16, stop_token_ids=smollm2.eos_token_ids)
+    reply = smollm2.tokenizer.decode(ids, skip_special_tokens=True)
+    assert reply == case["reply_text_until_eos"], reply

@@ -46,10 +46,10 @@ def quantize_activations(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarr
 
 
 def activation_codes(xq: np.ndarray) -> np.ndarray:
-    """(T, K) int64: the integer each activation stands for before its block scale (A16: 254·coarse + fine)."""
+    """(T, K) int64: the integer each activation stands for before its block scale (A16: 256·coarse + fine)."""
     if xq.ndim == 2:
         return xq.astype(np.int64)
-    return 254 * xq[:, 0].astype(np.int64) + xq[:, 1]
+    return 256 * xq[:, 0].astype(np.int64) + xq[:, 1]
 
 
 def run_matmul(path: str, ggml_type: GGMLType, xq, xd, xsum, layer: BlockQuantLinear) -> np.ndarray:
@@ -158,18 +158,18 @@ def test_a16_quantizer_is_a_16_bit_rounding() -> None:
     xq, xd, xsum = bq.quantize_a16_blocks(x)
     assert xq.shape == (5, 2, 96) and xq.dtype == np.int8 and xd.dtype == np.float32 and xsum.dtype == np.int32
     coarse, fine = xq[:, 0].astype(np.int64), xq[:, 1].astype(np.int64)
-    assert coarse.min() >= -127 and coarse.max() <= 127 and fine.min() >= -127 and fine.max() <= 126
+    assert coarse.min() >= -127 and coarse.max() <= 127 and fine.min() >= -128 and fine.max() <= 127
     blocks = x.reshape(5, 3, 32)
     amax = np.abs(blocks).max(axis=2)
-    expected_scale = np.where(amax / np.float32(32258) < np.finfo(np.float32).tiny, 0, amax / np.float32(32258))
+    expected_scale = np.where(amax / np.float32(32512) < np.finfo(np.float32).tiny, 0, amax / np.float32(32512))
     np.testing.assert_array_equal(xd, expected_scale.astype(np.float32))
-    # c = round(x / d) with float32 x · (1 / d), ties away from zero, written as 254·coarse + fine.
+    # c = round(x / d) with float32 x · (1 / d), ties away from zero, written as 256·coarse + fine.
     inverse = np.divide(np.float32(1), xd, out=np.zeros_like(xd), where=xd != 0)
     scaled = blocks * inverse[:, :, None]
     codes = (np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5))).astype(np.int64).reshape(5, 96)
     np.testing.assert_array_equal(activation_codes(xq), codes)
     np.testing.assert_array_equal(xsum, codes.reshape(5, 3, 32).sum(axis=2))
-    assert np.abs(codes).max() == 32258 and not codes[3, 32:64].any() and xd[3, 1] == 0
+    assert np.abs(codes).max() == 32512 and not codes[3, 32:64].any() and xd[3, 1] == 0
     # Half a 16-bit step per value; the coarse digit is the int8 mode's code give or take one at its ties.
     error = np.abs(x.astype(np.float64) - np.repeat(xd.astype(np.float64), 32, axis=1) * codes)
     assert np.all(error <= np.repeat(xd.astype(np.float64), 32, axis=1) * (0.5 + 1e-3) + 1e-33)
@@ -239,7 +239,7 @@ def test_matmul_close_to_float_product(ggml_type: GGMLType, bits: int) -> None:
 
 @pytest.mark.parametrize("ggml_type", FORMATS)
 def test_a16_error_far_below_int8(ggml_type: GGMLType) -> None:
-    """A16's 16-bit codes: the error against the float product of the same weights is ~254x below int8's."""
+    """A16's 16-bit codes: the error against the float product of the same weights is ~256x below int8's."""
     rng = np.random.default_rng(9)
     layer = BlockQuantLinear.quantize(random_weights(rng, 100, 1536), ggml_type)
     assert layer.activation_bits == 16  # the default

@@ -151,9 +151,7 @@ def test_overload_soak_two_minutes(default_model_path: Path, tmp_path: Path) -> 
     _check_overload(report, bound_s)
     assert idle["bitserve_kv_cache_usage_ratio"] == 0
     drift = idle["process_resident_memory_bytes"] / warm["process_resident_memory_bytes"] - 1
-    if abs(drift) >= RSS_DRIFT_LIMIT:
-        # Known and open (docs/robustness.md): RSS grows steadily under overload. Everything above still must hold.
-        pytest.xfail(f"RSS drifted {drift:+.1%} after warm-up (limit {RSS_DRIFT_LIMIT:.0%})")
+    assert abs(drift) < RSS_DRIFT_LIMIT, f"RSS drifted {drift:+.1%} after warm-up (limit {RSS_DRIFT_LIMIT:.0%})"
 
 
 # --- disconnects --------------------------------------------------------------------------------------------------

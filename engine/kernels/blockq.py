@@ -30,14 +30,15 @@ _FMT_Q4_0 = 0
 _FMT_Q4_1 = 1
 _FMT_Q8_0 = 2
 
-# A16 activations: per block, code c = round(x / d) with d = max|x| / (127 · 254), written as two int8 digits
-# c = 254·coarse + fine, coarse = round(c / 254) in [-127, 127], fine in [-127, 126]. coarse is (up to ties) the int8
-# mode's code round(x / d1), d1 = 254·d, and fine = round((x - d1·coarse) / d) the residual's code. Its step is d1 / 254
-# rather than d1 / 127 because the residual is at most d1 / 2: so the fine digit spans the whole int8 range, and |c| <=
-# 32258 is a 16-bit code whose rounding error, d / 2 = max|x| / 64516 per value, is 254 times below the int8 mode's. A
-# fixed ratio (rather than d2 = max|r| / 127, which is ~d1 / 254 anyway over 32 values) makes each block's
-# 254·Σ w·coarse + Σ w·fine one exact int32: a block still costs one float multiply, in the int8 mode's order.
-_A16_RADIX = 254
+# A16 activations: per block, code c = round(x / d) with d = max|x| / (127 · 256), written as two int8 digits
+# c = 256·coarse + fine. coarse = floor((c + 128) / 256) in [-127, 127] is (up to ties) the int8 mode's code
+# round(x / d1), d1 = max|x| / 127 = 256·d, and fine in [-128, 127] is the code of the residual x - d1·coarse at step
+# d1 / 256. The residual is at most d1 / 2, so that step (rather than d1 / 127) lets the fine digit span the whole int8
+# range: |c| <= 32512 is a 16-bit code whose rounding error, d / 2 = max|x| / 65024 per value, is 256 times below the
+# int8 mode's. A fixed power-of-two ratio (rather than d2 = max|r| / 127, which is ~d1 / 254 anyway over 32 values and
+# needs a second float scale) makes each block's 256·Σ w·coarse + Σ w·fine one exact int32, a shift and an add: a
+# block still costs one float multiply, in the int8 mode's order.
+_A16_RADIX = 256
 _A16_MAX_CODE = 127 * _A16_RADIX
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def _quantize_q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 @njit(cache=True, nogil=True)
 def _quantize_row_a16(x_row: np.ndarray, xq_row: np.ndarray, xd_row: np.ndarray, xsum_row: np.ndarray) -> None:
     """One row to A16 digits (see _A16_RADIX): x_row (K,) float32 -> xq_row (2, K) int8 (coarse, fine digits),
-    xd_row (K // 32,) float32 = max|x| / 32258 per block, xsum_row (K // 32,) int32 = Σ c per block."""
+    xd_row (K // 32,) float32 = max|x| / 32512 per block, xsum_row (K // 32,) int32 = Σ c per block."""
     bits = x_row.view(np.int32)  # (K,) int32
     for block in range(xd_row.shape[0]):
         start = block * 32
@@ -117,11 +118,9 @@ def _quantize_row_a16(x_row: np.ndarray, xq_row: np.ndarray, xd_row: np.ndarray,
             rounded += np.float32(1.0) if magnitude - rounded >= np.float32(0.5) else np.float32(0.0)
             code = np.int32(rounded)
             code = -code if value < 0 else code
-            # coarse = floor((c + 127) / 254): |c| <= 32258, so |coarse| <= 127. In float32 (exact: an integer
-            # quotient comes out exact, any other one is >= 1/254 from the next integer), which vectorizes.
-            coarse = np.int32(np.floor(np.float32(code + 127) / np.float32(_A16_RADIX)))
+            coarse = (code + np.int32(128)) >> 8  # floor((c + 128) / 256): |c| <= 32512, so |coarse| <= 127
             xq_row[0, col] = coarse
-            xq_row[1, col] = code - _A16_RADIX * coarse
+            xq_row[1, col] = code - (coarse << 8)
             total += code
         xd_row[block] = scale
         xsum_row[block] = total
@@ -190,11 +189,11 @@ def quantize_q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def quantize_a16_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Activations to 16-bit codes per block of 32, two int8 digits each (see _A16_RADIX): x ≈ xd·(254·coarse + fine).
+    """Activations to 16-bit codes per block of 32, two int8 digits each (see _A16_RADIX): x ≈ xd·(256·coarse + fine).
 
     x: (num_tokens, K) float32, K % 32 == 0 -> xq (num_tokens, 2, K) int8 (xq[:, 0] coarse digits in [-127, 127],
-    xq[:, 1] fine digits in [-127, 126]), xd (num_tokens, K // 32) float32 = max|block| / 32258, xsum (num_tokens,
-    K // 32) int32 = Σ (254·coarse + fine) over each block.
+    xq[:, 1] fine digits in [-128, 127]), xd (num_tokens, K // 32) float32 = max|block| / 32512, xsum (num_tokens,
+    K // 32) int32 = Σ (256·coarse + fine) over each block.
     """
     _check("x", x, _FLOAT32, 2)
     _check_in_features(x.shape[1])
@@ -346,7 +345,7 @@ def _sum_lanes(lanes: np.ndarray) -> np.float32:
 
 @njit(cache=True, nogil=True)
 def _activation_code(digits: np.ndarray, col: int) -> np.int32:
-    """The integer code of one activation from its digits (num_digits, K) int8, most significant first, base 254."""
+    """The integer code of one activation from its digits (num_digits, K) int8, most significant first, base 256."""
     code = np.int32(0)
     for digit in range(digits.shape[0]):
         code = code * np.int32(_A16_RADIX) + np.int32(digits[digit, col])
@@ -423,7 +422,7 @@ def _quantize_a16_matmul_portable(
 # The 16 block dots are scaled and added to the 16 float32 lanes as one vector. Signed weights ride the unsigned
 # operand via an offset and a correction: Σ (n - 8)·q = Σ n·q - 8·Σq for Q4_0, Σ w·q = Σ (w + 128)·q - 128·Σq for Q8_0.
 # A16: each unpacked weight vector meets both activation digits (two byte dots), so the weights are read once; the block
-# dot 254·Σ w·coarse + Σ w·fine is then an exact int32 (|.| < 2^29), scaled like an int8 one.
+# dot 256·Σ w·coarse + Σ w·fine is then an exact int32 (|.| < 2^29), scaled like an int8 one.
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -535,7 +534,7 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
         weight_scales.append((_load(builder, rows["wd"], scale_offset, _FLOATS, float_mask), mins))
     zero = ir.Constant(_INTS, None)
     num_parts = 1 if fmt == _FMT_Q8_0 else 2
-    radix = ir.Constant(_INTS, [ir.Constant(_I32, _A16_RADIX)] * 16)
+    radix_bits = ir.Constant(_INTS, [ir.Constant(_I32, _A16_RADIX.bit_length() - 1)] * 16)
     for token, acts in enumerate(token_rows):
         # The activations were laid out to meet the weight vectors byte for byte (see _pad_activations).
         act_vectors = [[[_load(builder, digit_row, builder.add(act_offset, _const(64 * (num_parts * load + part))),
@@ -548,7 +547,10 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
             dots = None  # <16 x i32>: lane i = the code dot of block block0 + i, digits combined most significant first
             for digit_vectors in act_vectors:
                 kernel_order = tail is None and fmt != _FMT_Q8_0
-                loads_per_chain = int(__import__("os").environ.get("CHAIN", "1")) if kernel_order else 1
+                # Kernel order: lane l of every vector belongs to block l, so byte dots may share an accumulator:
+                # two weight vectors per chain (4 dependent dots) measured fastest, against 1 (more adds) and 4
+                # (longer chains). GGUF order needs one vector per weight vector, for the fold below.
+                loads_per_chain = 2 if kernel_order else 1
                 block_dots = []  # one partial dot vector per chain of weight vectors
                 for first in range(0, num_active_loads, loads_per_chain):
                     dot = zero
@@ -558,7 +560,6 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
                                              digit_vectors[load][part], vnni)
                     block_dots.append(dot)
                 if kernel_order:
-                    # Kernel order: lane l of every vector belongs to block l, so the vectors just add up.
                     while len(block_dots) > 1:
                         block_dots = [builder.add(block_dots[i], block_dots[i + 1])
                                       for i in range(0, len(block_dots), 2)]
@@ -568,7 +569,7 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
                     while len(block_dots) > 1:
                         block_dots = [_fold_pairs(builder, block_dots[i], block_dots[i + 1])
                                       for i in range(0, len(block_dots), 2)]
-                dots = block_dots[0] if dots is None else builder.add(builder.mul(dots, radix), block_dots[0])
+                dots = block_dots[0] if dots is None else builder.add(builder.shl(dots, radix_bits), block_dots[0])
             if correction is not None:
                 dots = builder.sub(dots, correction)
             scales, mins = weight_scales[row]
@@ -703,7 +704,7 @@ def _pad_activations(
                         dst = num_grouped * 8 + tail // 4 * 32 + tail % 4 * 4 + quad // 4 * 16 + quad % 4
                     padded_words[dst] = words[block * 8 + quad]
         for block in range(num_blocks):
-            total = np.int32(0)  # Σ codes = Σ digit sums, most significant first, base 254
+            total = np.int32(0)  # Σ codes = Σ digit sums, most significant first, base 256
             for digit in range(digits.shape[1]):
                 digit_sum = np.int32(0)
                 for col in range(block * 32, block * 32 + 32):
@@ -977,7 +978,7 @@ def quantize_matmul_q8_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.nd
 
 def matmul_q4_0_a16(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """matmul_q4_0 with A16 activations: xq (T, 2, K) int8 digits, xd (T, K // 32) float32 from quantize_a16_blocks
-    -> (T, N) float32 = Σ_b wd·xd·Σ (nibble - 8)·(254·coarse + fine), in the same fixed order."""
+    -> (T, N) float32 = Σ_b wd·xd·Σ (nibble - 8)·(256·coarse + fine), in the same fixed order."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _UINT8), num_digits=2)
     return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
 
@@ -986,14 +987,14 @@ def matmul_q4_1_a16(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray
 ) -> np.ndarray:
     """matmul_q4_1 with A16 activations from quantize_a16_blocks (xsum (T, K // 32) int32 = Σ codes per block)
-    -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·(254·coarse + fine) + wm·xd·xsum]."""
+    -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·(256·coarse + fine) + wm·xd·xsum]."""
     _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, _UINT8), num_digits=2)
     return _MATMUL(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
 
 
 def matmul_q8_0_a16(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """matmul_q8_0 with A16 activations from quantize_a16_blocks -> (T, N) float32
-    = Σ_b wd·xd·Σ w·(254·coarse + fine)."""
+    = Σ_b wd·xd·Σ w·(256·coarse + fine)."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _INT8), num_digits=2)
     return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
 

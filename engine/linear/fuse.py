@@ -39,13 +39,14 @@ def _fuse_rows(parts: list[Linear]) -> tuple[Linear, list[Linear]] | None:
     bounds = np.cumsum([0] + [part.out_features for part in parts])  # row range of each part in the fused matrix
     first = parts[0]
     if isinstance(first, BlockQuantLinear):
-        if len({part.ggml_type for part in parts}) != 1:
+        if len({(part.ggml_type, part.activation_bits) for part in parts}) != 1:
             return None
         wm = None if first.wm is None else np.concatenate([part.wm for part in parts])
+        bits = first.activation_bits
         fused: Linear = BlockQuantLinear(first.ggml_type, np.concatenate([part.wq for part in parts]),
-                                         np.concatenate([part.wd for part in parts]), wm)
+                                         np.concatenate([part.wd for part in parts]), wm, bits)
         views: list[Linear] = [
-            BlockQuantLinear(first.ggml_type, fused.wq[a:b], fused.wd[a:b], None if wm is None else wm[a:b])
+            BlockQuantLinear(first.ggml_type, fused.wq[a:b], fused.wd[a:b], None if wm is None else wm[a:b], bits)
             for a, b in itertools.pairwise(bounds)]
         return fused, views
     if isinstance(first, TernaryLinear):
