@@ -111,13 +111,14 @@ def api_finish_reason(reason: FinishReason | None) -> protocol.FinishReason:
 
 
 def chat_logprobs(logprobs: list[TokenLogprob], token_text: Callable[[int], str]) -> protocol.ChoiceLogprobs:
+    def entry_fields(token_id: int, logprob: float) -> dict[str, object]:
+        text = token_text(token_id)  # decoded once per token: both `token` and `bytes` come from it
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
     return protocol.ChoiceLogprobs(content=[
-        protocol.TokenLogprob(
-            token=token_text(entry.token_id), logprob=entry.logprob,
-            bytes=list(token_text(entry.token_id).encode()),
-            top_logprobs=[protocol.TopLogprob(token=token_text(tid), logprob=lp, bytes=list(token_text(tid).encode()))
-                          for tid, lp in entry.top_logprobs or []],
-        )
+        protocol.TokenLogprob(**entry_fields(entry.token_id, entry.logprob),
+                              top_logprobs=[protocol.TopLogprob(**entry_fields(tid, lp))
+                                            for tid, lp in entry.top_logprobs or []])
         for entry in logprobs
     ])
 
