@@ -1,4 +1,5 @@
 """The engine thread: owns one LLMEngine, takes requests and aborts from other threads, steps while there is work.
+The steps themselves run on the process's kernel thread (engine/runtime.py), shared by every model served.
 
 Every other thread talks to it only through submit() and abort(), which are thread-safe; outputs leave through each
 request's own callback, called on this thread.
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 from engine.engine import LLMEngine, StepStats
 from engine.request import Request
+from engine.runtime import run_on_kernel_thread
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class EngineLoop:
             if self._drain_inbox(block=not self.engine.has_work) and not self.engine.has_work:
                 self._publish(self.engine.snapshot())  # e.g. the last running request was aborted
             if self.engine.has_work:
-                self._publish(self.engine.step())
+                self._publish(run_on_kernel_thread(self.engine.step))
 
     def _publish(self, stats: StepStats) -> None:
         with self._lock:

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import load_model
 from engine.config import CacheConfig, SchedulerConfig
 from engine.default_model import resolve_model_path
-from engine.runtime import configure_threads
+from engine.runtime import configure_threads, kernel_thread
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.registry import ModelRegistry
@@ -63,7 +63,8 @@ def create_app(settings: ServerSettings, model_path: Path) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(asyncio.to_thread(_load_initial_model, state, model_path))
+        # On the kernel thread: nothing is served yet, and no other thread keeps a kernel pool (engine/runtime.py).
+        loading = asyncio.wrap_future(kernel_thread().submit(_load_initial_model, state, model_path))
         yield
         await _drain(state, settings.shutdown_timeout_s)
         loading.cancel()
@@ -82,7 +83,7 @@ def create_app(settings: ServerSettings, model_path: Path) -> FastAPI:
 
 
 def _load_initial_model(state: AppState, model_path: Path) -> None:
-    """Worker thread: load and warm the model while /health already answers and /ready says 503."""
+    """Kernel thread: load and warm the model while /health already answers and /ready says 503."""
     start = time.monotonic()
     try:
         served = state.registry.serve(load_model(model_path))

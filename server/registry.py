@@ -21,6 +21,7 @@ from engine import load_model
 from engine.config import CacheConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.engine_loop import EngineLoop
+from engine.runtime import run_on_kernel_thread, use_single_thread
 from engine.loaded_model import LoadedModel
 from server.metrics import Metrics
 
@@ -210,7 +211,7 @@ class ModelRegistry:
     def _start(self, model: LoadedModel, model_id: str) -> ServedModel:
         """Build the engine, warm its kernels and start its thread. Blocking: worker thread."""
         engine = LLMEngine(model, self.scheduler_config, self.cache_config)
-        warm_up(model)
+        run_on_kernel_thread(warm_up, model)  # warms the thread that will serve it
         loop = EngineLoop(engine, self.scheduler_config.max_queue,
                           on_step=lambda stats: self.metrics.observe_step(model_id, stats), name=f"engine-{model_id}")
         served = ServedModel(model_id, model, loop, model.source)
@@ -227,6 +228,7 @@ class ModelRegistry:
     def _load(self, job: LoadJob, loop: asyncio.AbstractEventLoop) -> None:
         """Loader thread: whatever goes wrong, the models already served are untouched."""
         start = time.monotonic()
+        use_single_thread()  # a second kernel pool would slow every model already serving (engine/runtime.py)
         try:
             model = load_model(job.path, progress=job.report)
             job.message = "warming up"
