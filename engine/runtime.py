@@ -51,7 +51,8 @@ def kernel_thread() -> ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernels", initializer=_start_kernel_thread)
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernels",
+                                           initializer=_start_kernel_thread)
         return _executor
 
 

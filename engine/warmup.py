@@ -20,6 +20,18 @@ _WARMUP_ARGS = ModelArgs(architecture="bitnet", hidden_size=320, num_layers=1, n
                          head_dim=64)
 
 
+# Past the AMX kernels' token threshold (engine/kernels/ternary.py AMX_MIN_TOKENS), so prefill takes those paths too.
+WARMUP_PROMPT_TOKENS = 40
+
+
+def warm_up(model: LoadedModel) -> None:
+    """Run every kernel shape a request will hit (a long and a short prefill, single-token decodes) once, so JIT or
+    cache loading happens here and never inside a request."""
+    num_prompt = max(1, min(WARMUP_PROMPT_TOKENS, model.args.max_position_embeddings - 2))
+    model.generate(list(range(num_prompt)), max_new_tokens=2)
+    model.generate([0, 1, 2], max_new_tokens=2)
+
+
 def warmup_weights() -> list[ModelWeights]:
     """One tiny model per weight layout the loaders produce."""
     llama_args = ModelArgs(**{**_WARMUP_ARGS.__dict__, "architecture": "llama", "hidden_act": "silu"})
@@ -34,8 +46,7 @@ def warmup_weights() -> list[ModelWeights]:
 def main() -> int:
     start = time.monotonic()
     for weights in warmup_weights():
-        # A 5-token prefill (GEMM paths) then single-token decodes (GEMV paths).
-        LoadedModel(with_precise_head(weights), tokenizer=None).generate([1, 2, 3, 4, 5], max_new_tokens=3)
+        warm_up(LoadedModel(with_precise_head(weights), tokenizer=None))
     for dtype in KV_CACHE_DTYPES:  # the KV kernels take every mode's branches at run time; run each once anyway
         LoadedModel(weights, tokenizer=None, kv_cache_dtype=dtype).generate([1, 2, 3, 4, 5], max_new_tokens=3)
     print(f"kernels compiled and cached in {time.monotonic() - start:.1f} s", file=sys.stderr)

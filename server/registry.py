@@ -21,8 +21,9 @@ from engine import load_model
 from engine.config import CacheConfig, SchedulerConfig
 from engine.engine import LLMEngine
 from engine.engine_loop import EngineLoop
-from engine.runtime import run_on_kernel_thread, use_single_thread
 from engine.loaded_model import LoadedModel
+from engine.runtime import run_on_kernel_thread, use_single_thread
+from engine.warmup import warm_up
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -271,12 +272,6 @@ def _served_status(served: ServedModel, state: ModelState, active: bool) -> Mode
     return ModelStatus(served.id, state, active, str(served.source) if served.source else None, 1.0, None,
                        served.weight_bytes, served.kv_cache_bytes, served.engine_loop.num_running,
                        served.engine_loop.num_waiting)
-
-
-def warm_up(model: LoadedModel) -> None:
-    """Run every kernel shape a request will hit (a multi-token prefill and single-token decodes) once, so JIT or
-    cache loading happens here and never inside a request."""
-    model.generate([0, 1, 2], max_new_tokens=2)
 
 
 def resolve_in_models_dir(models_dir: Path, relative: str) -> Path:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from engine.kernels import cpu_features
+from engine.kernels import cpu_features, ternary_amx
 from engine.kernels import ternary as tk
 from engine.linear.ternary import TernaryLinear
 
@@ -18,12 +18,17 @@ PATHS = [
     "portable",
     pytest.param("avx512_vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU or JIT target lacks AVX-512 VNNI")),
 ]
-MATMUL = {"portable": tk._matmul_ternary_portable, "avx512_vnni": tk._matmul_ternary_vnni}
+MATMUL_PATHS = [
+    *PATHS,
+    pytest.param("amx", marks=pytest.mark.skipif(not ternary_amx.AMX_AVAILABLE, reason="no AMX on this CPU or kernel")),
+]
+MATMUL = {"portable": tk._matmul_ternary_portable, "avx512_vnni": tk._matmul_ternary_vnni,
+          "amx": ternary_amx.matmul_ternary_amx}
 BLOCKSCALED = {"portable": tk._matmul_ternary_blockscaled_portable, "avx512_vnni": tk._matmul_ternary_blockscaled_vnni}
 
 ROW_COUNTS = [1, 3, 65, 130]
 IN_FEATURES = [5, 128, 192, 300, 512, 1000]
-TOKEN_COUNTS = [1, 2, 3, 7, 17]
+TOKEN_COUNTS = [1, 2, 3, 7, 17, 40]  # 40: three AMX token tiles, the last one partial
 
 
 def random_ternary(rng: np.random.Generator, num_rows: int, in_features: int) -> np.ndarray:
@@ -131,7 +136,7 @@ def test_quantize_activations_matches_numpy_on_any_finite_input(x: np.ndarray) -
 # ---- integer matmuls -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", MATMUL_PATHS)
 @pytest.mark.parametrize("in_features", IN_FEATURES)
 @pytest.mark.parametrize("num_rows", ROW_COUNTS)
 def test_matmul_ternary_is_exact(path: str, num_rows: int, in_features: int) -> None:
@@ -145,7 +150,7 @@ def test_matmul_ternary_is_exact(path: str, num_rows: int, in_features: int) -> 
         np.testing.assert_array_equal(out, reference_int_sums(xq, ternary), err_msg=f"T={num_tokens}")
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", MATMUL_PATHS)
 def test_matmul_ternary_extreme_values(path: str) -> None:
     """Largest magnitudes: every weight ±1 against -128 everywhere, where a saturating instruction would fail."""
     ternary = np.ones((9, 4000), dtype=np.int8)
@@ -181,6 +186,7 @@ def test_kernels_are_batch_invariant(path: str) -> None:
     xq, act_sum = random_xq(rng, 17, 700)
     batched = MATMUL[path](xq, act_sum, codes)
     batched_scaled = BLOCKSCALED[path](xq, codes, block_scales)
+    np.testing.assert_array_equal(tk.matmul_ternary(xq, act_sum, codes), batched)  # whichever kernel it picks
     for token in range(17):
         single = MATMUL[path](xq[token : token + 1], act_sum[token : token + 1], codes)
         np.testing.assert_array_equal(batched[token], single[0])
@@ -221,6 +227,29 @@ def test_vnni_kernel_uses_vpdpbusd() -> None:
             twin(np.zeros((1, 256), np.int8), np.zeros((1, 64), np.uint8), np.zeros((1, 1), np.float32))
         assembly = twin.inspect_asm(twin.signatures[0])
         assert "vpdpbusd" in assembly and "zmm" in assembly
+
+
+def test_amx_kernel_is_batch_invariant_against_the_gemv() -> None:
+    """The served path: a prefill chunk long enough for AMX equals each token's own single-token GEMV."""
+    if not ternary_amx.AMX_AVAILABLE:
+        pytest.skip("no AMX on this CPU or kernel")
+    rng = np.random.default_rng(11)
+    ternary = random_ternary(rng, 70, 900)
+    codes = tk.pack_ternary(ternary)
+    xq, act_sum = random_xq(rng, tk.AMX_MIN_TOKENS + 5, 900)
+    batched = tk.matmul_ternary(xq, act_sum, codes)
+    for token in range(xq.shape[0]):
+        np.testing.assert_array_equal(batched[token], tk.matmul_ternary(xq[token:token + 1], act_sum[token:token + 1],
+                                                                        codes)[0])
+
+
+def test_amx_kernel_uses_tile_instructions() -> None:
+    if not ternary_amx.AMX_AVAILABLE:
+        pytest.skip("no AMX on this CPU or kernel")
+    twin = numba.njit(nogil=True, parallel=True)(ternary_amx._matmul_ternary_amx.py_func)
+    twin(np.zeros((1, 256), np.int8), np.zeros(1, np.int32), np.zeros((1, 64), np.uint8), ternary_amx._TILE_CONFIG, 1)
+    assembly = twin.inspect_asm(twin.signatures[0])
+    assert "tdpbusd" in assembly and "ldtilecfg" in assembly
 
 
 def test_kernel_path_selection(monkeypatch: pytest.MonkeyPatch) -> None:

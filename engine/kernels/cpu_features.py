@@ -12,7 +12,8 @@ from pathlib import Path
 import llvmlite.binding
 
 # /proc/cpuinfo flag name -> LLVM feature name, for the few extensions the kernels care about.
-_CPUINFO_TO_LLVM = {"avx2": "avx2", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512_vnni": "avx512vnni"}
+_CPUINFO_TO_LLVM = {"avx2": "avx2", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512_vnni": "avx512vnni",
+                    "amx_tile": "amx-tile", "amx_int8": "amx-int8"}
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,16 @@ class CpuFeatures:
     avx512f: bool
     avx512bw: bool
     avx512_vnni: bool
+    amx_int8: bool = False  # AMX tiles with int8 dot products (tdpbusd)
 
     @property
     def has_avx512_vnni(self) -> bool:
         """True when 512-bit `vpdpbusd` kernels can run: VNNI needs the F and BW foundations too."""
         return self.avx512f and self.avx512bw and self.avx512_vnni
+
+    @property
+    def has_amx_int8(self) -> bool:
+        return self.amx_int8
 
 
 def _host_llvm_features() -> set[str]:
@@ -65,4 +71,5 @@ def detect_cpu_features() -> CpuFeatures:
         avx512f="avx512f" in features,
         avx512bw="avx512bw" in features,
         avx512_vnni="avx512vnni" in features,
+        amx_int8={"amx-tile", "amx-int8"} <= features,
     )

@@ -14,12 +14,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.kernels.cpu_features import detect_cpu_features
+from engine.kernels.ternary_amx import AMX_AVAILABLE, matmul_ternary_amx
 
 BLOCK_WEIGHTS = 256  # weights per packed block
 BLOCK_BYTES = 64  # one 512-bit vector: 4 two-bit codes per byte
 # Lane accumulators of the VNNI GEMV hold up to 2^16 per block (code 2 masked in place is 128, times |q| <= 128, four
 # products per lane); 2^22 inputs keep them, and every int32 sum, clear of overflow.
 MAX_IN_FEATURES = 1 << 22
+# From this many tokens on, the AMX tile kernel beats the VNNI one (bench/kernels.py, 2B4T shapes: 1.15-1.5x at 33
+# tokens, 1.7-2.4x at 64, 1.9-5x at 128; at 16 it loses, 0.64-0.96x, paying to unpack every code to a byte).
+AMX_MIN_TOKENS = 32
 
 _ROWS_PER_TILE = 4  # output rows computed together: each activation vector loaded once serves four rows
 _TOKENS_PER_TILE = 4  # tokens computed together in a GEMM: each extracted code vector serves four tokens
@@ -653,6 +657,8 @@ def matmul_ternary(xq: np.ndarray, act_sum: np.ndarray, codes: np.ndarray) -> np
     _check_matmul_inputs("matmul_ternary", xq, codes)
     if act_sum.shape != (xq.shape[0],) or act_sum.dtype != np.int32:
         raise ValueError(f"matmul_ternary: act_sum must be ({xq.shape[0]},) int32, got {act_sum.shape} {act_sum.dtype}")
+    if AMX_AVAILABLE and xq.shape[0] >= AMX_MIN_TOKENS:
+        return matmul_ternary_amx(xq, act_sum, codes)
     return _MATMUL_TERNARY(xq, act_sum, codes)
 
 
