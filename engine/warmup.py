@@ -20,8 +20,9 @@ _WARMUP_ARGS = ModelArgs(architecture="bitnet", hidden_size=320, num_layers=1, n
                          head_dim=64)
 
 
-# Past the AMX kernels' token threshold (engine/kernels/ternary.py AMX_MIN_TOKENS), so prefill takes those paths too.
-WARMUP_PROMPT_TOKENS = 40
+# Past the AMX kernels' token thresholds (AMX_MIN_TOKENS in engine/kernels/ternary.py and blockq.py), so prefill takes
+# those paths too.
+WARMUP_PROMPT_TOKENS = 56
 
 
 def warm_up(model: LoadedModel) -> None:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from engine.formats.ggml import GGMLType
+from engine.kernels import amx, cpu_features
 from engine.kernels import blockq as bq
-from engine.kernels import cpu_features
+from engine.kernels.blockq_amx import matmul_amx
 from engine.kernels.dense import matmul_f32
 from engine.linear.block import BlockQuantLinear
 from engine.linear.dense import DenseLinear
@@ -22,7 +23,12 @@ PATHS = [
     "simd",
     pytest.param("avx512_vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="CPU or JIT target lacks AVX-512 VNNI")),
 ]
-MATMUL = {"portable": bq._matmul_portable, "simd": bq._matmul_simd, "avx512_vnni": bq._matmul_vnni}
+MATMUL_PATHS = [
+    *PATHS,
+    pytest.param("amx", marks=pytest.mark.skipif(not amx.AMX_AVAILABLE, reason="no AMX on this CPU or kernel")),
+]
+MATMUL = {"portable": bq._matmul_portable, "simd": bq._matmul_simd, "avx512_vnni": bq._matmul_vnni,
+          "amx": matmul_amx}
 QUANTIZE_MATMUL = {
     "portable": bq._quantize_matmul_portable, "simd": bq._quantize_matmul_simd, "avx512_vnni": bq._quantize_matmul_vnni
 }
@@ -196,7 +202,7 @@ def test_load_and_dequantize_match_gguf_reference(ggml_type: GGMLType) -> None:
 
 
 @pytest.mark.parametrize("bits", ACTIVATION_BITS)
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", MATMUL_PATHS)
 @pytest.mark.parametrize("ggml_type", FORMATS)
 @pytest.mark.parametrize("in_features", IN_FEATURES)
 def test_matmul_matches_integer_reference(path: str, ggml_type: GGMLType, in_features: int, bits: int) -> None:
@@ -253,7 +259,7 @@ def test_a16_error_far_below_int8(ggml_type: GGMLType) -> None:
 
 
 @pytest.mark.parametrize("bits", ACTIVATION_BITS)
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", MATMUL_PATHS)
 @pytest.mark.parametrize("ggml_type", FORMATS)
 def test_batch_invariance_and_paths_agree(path: str, ggml_type: GGMLType, bits: int) -> None:
     rng = np.random.default_rng(4)
@@ -266,6 +272,19 @@ def test_batch_invariance_and_paths_agree(path: str, ggml_type: GGMLType, bits: 
         np.testing.assert_array_equal(batch[token : token + 1], single)
     np.testing.assert_array_equal(batch[5:10], run_matmul(path, ggml_type, xq[5:10], xd[5:10], xsum[5:10], layer))
     np.testing.assert_array_equal(batch, run_matmul("portable", ggml_type, xq, xd, xsum, layer))
+
+
+@pytest.mark.parametrize("bits", ACTIVATION_BITS)
+@pytest.mark.parametrize("ggml_type", FORMATS)
+def test_served_batches_equal_single_tokens(ggml_type: GGMLType, bits: int) -> None:
+    """Through the layer, as served: a batch long enough for the AMX kernel (where there is one) gives each token the
+    bits of its own single-token GEMV."""
+    rng = np.random.default_rng(12)
+    layer = BlockQuantLinear.quantize(random_weights(rng, 45, 1056), ggml_type, activation_bits=bits)
+    x = rng.standard_normal((bq.AMX_MIN_TOKENS + 3, 1056)).astype(np.float32)
+    batch = layer(x)
+    for token in range(x.shape[0]):
+        np.testing.assert_array_equal(batch[token], layer(x[token:token + 1])[0])
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from engine.kernels import cpu_features, ternary_amx
+from engine.kernels import amx, cpu_features, ternary_amx
 from engine.kernels import ternary as tk
 from engine.linear.ternary import TernaryLinear
 
@@ -20,7 +20,7 @@ PATHS = [
 ]
 MATMUL_PATHS = [
     *PATHS,
-    pytest.param("amx", marks=pytest.mark.skipif(not ternary_amx.AMX_AVAILABLE, reason="no AMX on this CPU or kernel")),
+    pytest.param("amx", marks=pytest.mark.skipif(not amx.AMX_AVAILABLE, reason="no AMX on this CPU or kernel")),
 ]
 MATMUL = {"portable": tk._matmul_ternary_portable, "avx512_vnni": tk._matmul_ternary_vnni,
           "amx": ternary_amx.matmul_ternary_amx}
@@ -231,7 +231,7 @@ def test_vnni_kernel_uses_vpdpbusd() -> None:
 
 def test_amx_kernel_is_batch_invariant_against_the_gemv() -> None:
     """The served path: a prefill chunk long enough for AMX equals each token's own single-token GEMV."""
-    if not ternary_amx.AMX_AVAILABLE:
+    if not amx.AMX_AVAILABLE:
         pytest.skip("no AMX on this CPU or kernel")
     rng = np.random.default_rng(11)
     ternary = random_ternary(rng, 70, 900)
@@ -244,7 +244,7 @@ def test_amx_kernel_is_batch_invariant_against_the_gemv() -> None:
 
 
 def test_amx_kernel_uses_tile_instructions() -> None:
-    if not ternary_amx.AMX_AVAILABLE:
+    if not amx.AMX_AVAILABLE:
         pytest.skip("no AMX on this CPU or kernel")
     twin = numba.njit(nogil=True, parallel=True)(ternary_amx._matmul_ternary_amx.py_func)
     twin(np.zeros((1, 256), np.int8), np.zeros(1, np.int32), np.zeros((1, 64), np.uint8), ternary_amx._TILE_CONFIG, 1)

@@ -13,8 +13,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from engine.kernels.amx import AMX_AVAILABLE
 from engine.kernels.cpu_features import detect_cpu_features
-from engine.kernels.ternary_amx import AMX_AVAILABLE, matmul_ternary_amx
+from engine.kernels.ternary_amx import matmul_ternary_amx
 
 BLOCK_WEIGHTS = 256  # weights per packed block
 BLOCK_BYTES = 64  # one 512-bit vector: 4 two-bit codes per byte

@@ -6,14 +6,10 @@ One `tdpbusd` multiplies a 16×64 tile of unsigned bytes by a 64×16 tile of sig
 (16 weight rows × all of K, kept in L2) once per GEMM, and every token tile reuses them. Integer sums are exact, so
 the result is bit-identical to the VNNI and portable kernels: greedy output does not depend on which one ran.
 
-Using AMX needs the kernel's permission for the process (arch_prctl ARCH_REQ_XCOMP_PERM), asked once at import;
-`AMX_AVAILABLE` is False when the CPU, the JIT target or the kernel says no.
+Callers check AMX_AVAILABLE (engine/kernels/amx.py) first.
 """
 
 from __future__ import annotations
-
-import ctypes
-import os
 
 import numba
 import numpy as np
@@ -22,38 +18,15 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.kernels.cpu_features import detect_cpu_features
+from engine.kernels.amx import BYTE_PTR, data_pointer, declare
 
 BLOCK_WEIGHTS = 256  # weights per packed block (engine/kernels/ternary.py)
 BLOCK_BYTES = 64  # packed bytes per block: byte j holds weights j, j+64, j+128, j+192 in bit pairs 0-1 .. 6-7
 CHUNK = 64  # K values per tile: 64 bytes per tile row
 TILE_ROWS = 16  # weight rows per A tile, and tokens per B tile
 
-_SYS_ARCH_PRCTL = 158  # x86-64
-_ARCH_REQ_XCOMP_PERM = 0x1023
-_XFEATURE_XTILEDATA = 18
-
 _I8 = ir.IntType(8)
 _I64 = ir.IntType(64)
-_BYTE_PTR = _I8.as_pointer()
-
-
-def _request_amx_permission() -> bool:
-    """Ask Linux to let this process use the AMX tile data registers; False if it refuses or is not Linux."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _amx_available() -> bool:
-    if os.environ.get("BITSERVE_KERNELS", "auto") != "auto":
-        return False
-    return detect_cpu_features().has_amx_int8 and _request_amx_permission()
-
-
-AMX_AVAILABLE = _amx_available()
 
 
 def _tile_config() -> np.ndarray:
@@ -69,14 +42,6 @@ def _tile_config() -> np.ndarray:
 _TILE_CONFIG = _tile_config()
 
 
-def _declare(builder: ir.IRBuilder, name: str, arg_types: list) -> ir.Function:
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), arg_types), name)
-
-
-def _data_pointer(context, builder: ir.IRBuilder, array_type, array_value) -> ir.Value:
-    return builder.bitcast(context.make_array(array_type)(context, builder, array_value).data, _BYTE_PTR)
-
-
 @intrinsic
 def _tile_block(typingctx, config, codes0, codes1, acts0, acts1, sums):
     """sums[2i + j] = codes_i (16 × K u8) · acts_j (K × 16 s8, VNNI order) as 16×16 int32, for i, j in {0, 1}.
@@ -87,26 +52,26 @@ def _tile_block(typingctx, config, codes0, codes1, acts0, acts1, sums):
     sig = types.void(config, codes0, codes1, acts0, acts1, sums)
 
     def codegen(context, builder, signature, args):
-        config_ptr, a0, a1, b0, b1, c = (_data_pointer(context, builder, t, v)
+        config_ptr, a0, a1, b0, b1, c = (data_pointer(context, builder, t, v)
                                          for t, v in zip(signature.args, args, strict=True))
         num_chunks = builder.extract_value(context.make_array(signature.args[1])(context, builder, args[1]).shape, 0)
-        tile_load = _declare(builder, "llvm.x86.tileloadd64", [_I8, _BYTE_PTR, _I64])
-        dot = _declare(builder, "llvm.x86.tdpbusd", [_I8, _I8, _I8])
+        tile_load = declare(builder, "llvm.x86.tileloadd64", [_I8, BYTE_PTR, _I64])
+        dot = declare(builder, "llvm.x86.tdpbusd", [_I8, _I8, _I8])
         stride = ir.Constant(_I64, CHUNK)
-        builder.call(_declare(builder, "llvm.x86.ldtilecfg", [_BYTE_PTR]), [config_ptr])
+        builder.call(declare(builder, "llvm.x86.ldtilecfg", [BYTE_PTR]), [config_ptr])
         for tile in range(4):
-            builder.call(_declare(builder, "llvm.x86.tilezero", [_I8]), [ir.Constant(_I8, tile)])
+            builder.call(declare(builder, "llvm.x86.tilezero", [_I8]), [ir.Constant(_I8, tile)])
         with cgutils.for_range(builder, num_chunks) as loop:
             offset = builder.mul(loop.index, ir.Constant(_I64, TILE_ROWS * CHUNK))
             for tile, base in ((4, a0), (5, a1), (6, b0), (7, b1)):
                 builder.call(tile_load, [ir.Constant(_I8, tile), builder.gep(base, [offset]), stride])
             for out, (a_tile, b_tile) in enumerate(((4, 6), (4, 7), (5, 6), (5, 7))):
                 builder.call(dot, [ir.Constant(_I8, out), ir.Constant(_I8, a_tile), ir.Constant(_I8, b_tile)])
-        tile_store = _declare(builder, "llvm.x86.tilestored64", [_I8, _BYTE_PTR, _I64])
+        tile_store = declare(builder, "llvm.x86.tilestored64", [_I8, BYTE_PTR, _I64])
         for tile in range(4):
             target = builder.gep(c, [ir.Constant(_I64, tile * TILE_ROWS * TILE_ROWS * 4)])
             builder.call(tile_store, [ir.Constant(_I8, tile), target, stride])
-        builder.call(_declare(builder, "llvm.x86.tilerelease", []), [])
+        builder.call(declare(builder, "llvm.x86.tilerelease", []), [])
         return context.get_dummy_value()
 
     return sig, codegen
