@@ -17,12 +17,13 @@ os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(os.path.di
 import numba
 import numpy as np
 
-from engine.kernels import ternary
+from engine.kernels import amx, ternary, ternary_amx
 
 # (out_features, in_features) of a 2B4T layer's projections and how many of each a layer holds.
 LAYER_SHAPES = {(2560, 2560): 2, (640, 2560): 2, (6912, 2560): 2, (2560, 6912): 1}  # q,o / k,v / gate,up / down
 # 2-bit kernels take (xq, act_sum, codes); TL2 kernels take (tables, indices, signs, num_rows).
-KERNELS = {"avx512_vnni": ternary._matmul_ternary_vnni, "portable": ternary._matmul_ternary_portable}
+KERNELS = {"avx512_vnni": ternary._matmul_ternary_vnni, "portable": ternary._matmul_ternary_portable,
+           "amx": ternary_amx.matmul_ternary_amx}
 TL2_KERNELS = {"tl2_avx512": ternary._matmul_ternary_tl2_avx512, "tl2_portable": ternary._matmul_ternary_tl2_portable}
 
 
@@ -98,7 +99,8 @@ def main() -> None:
                         help="comma-separated NxK (out x in), default: the four 2B4T projection shapes")
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 4, 16, 64, 128])
     parser.add_argument("--paths", default="auto",
-                        help="comma-separated: avx512_vnni, portable, tl2_avx512, tl2_portable; auto = the selected")
+                        help="comma-separated: avx512_vnni, amx, portable, tl2_avx512, tl2_portable; auto = the "
+                             "path selected at import, and amx where the CPU has it")
     parser.add_argument("--seconds", type=float, default=0.15, help="time budget per measurement")
     parser.add_argument("--cold-bytes", type=int, default=0,
                         help="rotate over copies of the codes totalling this many bytes, so weights come from DRAM")
@@ -107,7 +109,8 @@ def main() -> None:
                         help="Numba threads for the kernels and the bandwidth sum (default: all cores)")
     args = parser.parse_args()
     numba.set_num_threads(args.threads)
-    paths = [ternary.KERNEL_PATH] if args.paths == "auto" else args.paths.split(",")
+    auto_paths = [ternary.KERNEL_PATH] + (["amx"] if amx.AMX_AVAILABLE else [])
+    paths = auto_paths if args.paths == "auto" else args.paths.split(",")
 
     rng = np.random.default_rng(0)
     bandwidth_gbs = math.nan if args.skip_bandwidth else measure_read_bandwidth_gbs()
