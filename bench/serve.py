@@ -37,12 +37,13 @@ class RequestTiming:
     ttft_s: float
     token_gaps_s: list[float] = field(default_factory=list)
     e2e_s: float = 0.0
-    num_tokens: int = 0
+    num_tokens: int = 0  # completion tokens, from the usage chunk
+    num_chunks: int = 0  # chunks with text: fewer than tokens when tokens decode to no text (a random model's)
 
 
 async def one_stream(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> RequestTiming:
     body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True}
+            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     timing = RequestTiming(ttft_s=float("nan"))
     last = None
@@ -51,7 +52,10 @@ async def one_stream(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> R
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            delta = json.loads(line[6:])["choices"]
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                timing.num_tokens = chunk["usage"]["completion_tokens"]
+            delta = chunk["choices"]
             if not delta or not delta[0]["delta"].get("content"):
                 continue
             now = time.perf_counter()
@@ -60,7 +64,7 @@ async def one_stream(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> R
             else:
                 timing.token_gaps_s.append(now - last)
             last = now
-            timing.num_tokens += 1
+            timing.num_chunks += 1
     timing.e2e_s = time.perf_counter() - start
     return timing
 
@@ -89,6 +93,7 @@ async def run_level(base_url: str, concurrency: int, duration_s: float, max_toke
         "ttft_p50": _percentile(ttfts, 50), "ttft_p95": _percentile(ttfts, 95),
         "itl_p50": _percentile(gaps, 50), "itl_p95": _percentile(gaps, 95),
         "e2e_p50": statistics.median(t.e2e_s for t in timings),
+        "tokens_per_chunk": sum(t.num_tokens for t in timings) / max(1, sum(t.num_chunks for t in timings)),
     }
 
 
@@ -139,6 +144,8 @@ def main() -> None:
                     print(f"{concurrency:7d}  {r['requests']:8d}  {r['output_tok_s']:12.1f}  "
                           f"{r['ttft_p50']:8.3f} / {r['ttft_p95']:.3f}  {1e3 * r['itl_p50']:8.1f} / "
                           f"{1e3 * r['itl_p95']:.1f}  {r['e2e_p50']:11.2f}  {versus}")
+                    if r["tokens_per_chunk"] > 1.05:  # ITL is then the gap between text chunks, not tokens
+                        print(f"         ({r['tokens_per_chunk']:.2f} tokens per text chunk: ITL spans that many)")
                 if args.health_probe:
                     h = asyncio.run(health_during_long_prefill(server.base_url, 2000))
                     print(f"/health during a 2,000-token prefill ({h['prefill_s']:.1f} s): {h['polls']} polls, "
