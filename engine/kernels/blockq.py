@@ -857,8 +857,9 @@ _QUANTIZE_A16_MATMUL = {
     "portable": _quantize_a16_matmul_portable,
 }[KERNEL_PATH]
 
-# From this many tokens on, the AMX tile kernel beats the VNNI one (bench/kernels.py, SmolLM2 shapes, A16: 0.8-1.3x
-# at 32 tokens, 1.0-1.9x at 64, 1.2-2.0x at 128; at 16, 0.7-0.9x).
+# From this many tokens on, the AMX tile kernel beats the VNNI one (measured on the SmolLM2-135M shapes 576->960,
+# 576->3072, 1536->576 and the 49152-row head, A16: 0.8-1.3x at 32 tokens, 1.0-1.9x at 64, 1.2-2.0x at 128; 0.7-0.9x
+# at 16, where unpacking every code to a byte is not paid back).
 AMX_MIN_TOKENS = 48
 
 
