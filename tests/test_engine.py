@@ -16,6 +16,7 @@ from engine.random_model import random_model
 from engine.request import FinishReason, Request, RequestOutput
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
+from engine.warmup import WARMUP_PROMPT_TOKENS, warm_up
 
 TINY = ModelArgs(architecture="bitnet", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  intermediate_size=320, vocab_size=49152, max_position_embeddings=512, hidden_act="relu2")
@@ -170,3 +171,11 @@ def test_failing_sampler_fails_only_its_request(model: LoadedModel, monkeypatch:
     assert outputs["r0"][-1].finish_reason is FinishReason.ERROR and "injected sampler fault" in outputs["r0"][-1].error
     assert len(_tokens(outputs["r1"])) == 12 and outputs["r1"][-1].finish_reason is FinishReason.LENGTH
     assert engine.cache.num_used_blocks == 0
+
+
+def test_warm_up_fits_any_model() -> None:
+    """The served warm-up (a prefill long enough for the AMX kernels) must not refuse a legitimate model whose
+    vocabulary or context is smaller than that prefill."""
+    args = ModelArgs(architecture="llama", hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                     intermediate_size=64, vocab_size=WARMUP_PROMPT_TOKENS // 4, max_position_embeddings=8)
+    warm_up(LoadedModel(random_model(args), tokenizer=None))
