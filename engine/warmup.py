@@ -20,8 +20,8 @@ _WARMUP_ARGS = ModelArgs(architecture="bitnet", hidden_size=320, num_layers=1, n
                          head_dim=64)
 
 
-# Past the AMX kernels' token thresholds (AMX_MIN_TOKENS in engine/kernels/ternary.py and blockq.py), so prefill takes
-# those paths too.
+# Past the AMX kernels' token thresholds (engine/kernels/ternary.py AMX_MIN_TOKENS, blockq_amx_rows.py MIN_TOKENS),
+# so prefill takes those paths too, and block-quantized matrices are laid out for them before any request.
 WARMUP_PROMPT_TOKENS = 56
 
 
@@ -29,7 +29,9 @@ def warm_up(model: LoadedModel) -> None:
     """Run every kernel shape a request will hit (a long and a short prefill, single-token decodes) once, so JIT or
     cache loading happens here and never inside a request."""
     num_prompt = max(1, min(WARMUP_PROMPT_TOKENS, model.args.max_position_embeddings - 2))
-    model.generate([token % model.args.vocab_size for token in range(num_prompt)], max_new_tokens=2)
+    prompt = [token % model.args.vocab_size for token in range(num_prompt)]
+    model.generate(prompt, max_new_tokens=2)
+    model.logits(prompt)  # the output head over a batch of rows too, as when many sequences decode at once
     model.generate([token % model.args.vocab_size for token in range(3)], max_new_tokens=2)
 
 

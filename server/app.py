@@ -21,7 +21,7 @@ from engine.default_model import resolve_model_path
 from engine.runtime import configure_threads, kernel_thread
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.registry import ModelRegistry
+from server.registry import ModelRegistry, map_large_allocations
 from server.routes import admin, chat, completions, health, models
 from server.routes.common import AppState
 from server.settings import ServerSettings
@@ -109,6 +109,7 @@ async def _drain(state: AppState, timeout_s: float) -> None:
 def run_server(settings: ServerSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_threads(settings.threads)
+    map_large_allocations()
     model_path = resolve_model_path(settings.model, settings.models_dir)
     app = create_app(settings, model_path)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

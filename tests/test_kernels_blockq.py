@@ -12,7 +12,7 @@ import pytest
 from engine.formats.ggml import GGMLType
 from engine.kernels import amx, cpu_features
 from engine.kernels import blockq as bq
-from engine.kernels.blockq_amx import matmul_amx
+from engine.kernels.blockq_amx_rows import MIN_TOKENS, lay_out, matmul_amx_rows
 from engine.kernels.dense import matmul_f32
 from engine.linear.block import BlockQuantLinear
 from engine.linear.dense import DenseLinear
@@ -27,8 +27,16 @@ MATMUL_PATHS = [
     *PATHS,
     pytest.param("amx", marks=pytest.mark.skipif(not amx.AMX_AVAILABLE, reason="no AMX on this CPU or kernel")),
 ]
+
+
+def _matmul_amx(xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
+                fmt: int) -> np.ndarray:
+    """The AMX kernel behind the other paths' signature: lays the matrix out, then multiplies."""
+    return matmul_amx_rows(xq, xd, xsum, lay_out(wq, wd, wm, fmt), fmt)
+
+
 MATMUL = {"portable": bq._matmul_portable, "simd": bq._matmul_simd, "avx512_vnni": bq._matmul_vnni,
-          "amx": matmul_amx}
+          "amx": _matmul_amx}
 QUANTIZE_MATMUL = {
     "portable": bq._quantize_matmul_portable, "simd": bq._quantize_matmul_simd, "avx512_vnni": bq._quantize_matmul_vnni
 }
@@ -281,10 +289,13 @@ def test_served_batches_equal_single_tokens(ggml_type: GGMLType, bits: int) -> N
     bits of its own single-token GEMV."""
     rng = np.random.default_rng(12)
     layer = BlockQuantLinear.quantize(random_weights(rng, 45, 1056), ggml_type, activation_bits=bits)
-    x = rng.standard_normal((bq.AMX_MIN_TOKENS + 3, 1056)).astype(np.float32)
-    batch = layer(x)
+    x = rng.standard_normal((MIN_TOKENS + 3, 1056)).astype(np.float32)
+    batch, batch_int8 = layer(x), layer.matmul_int8(x)
     for token in range(x.shape[0]):
         np.testing.assert_array_equal(batch[token], layer(x[token:token + 1])[0])
+        np.testing.assert_array_equal(batch_int8[token], layer.matmul_int8(x[token:token + 1])[0])
+    with pytest.raises(ValueError, match="in_features"):
+        layer(np.zeros((MIN_TOKENS, 1024), np.float32))
 
 
 @pytest.mark.parametrize("path", PATHS)

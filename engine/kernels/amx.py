@@ -1,5 +1,5 @@
 """AMX (Advanced Matrix Extensions) plumbing shared by the tile kernels: whether this process may use the tiles, and
-the LLVM IR helpers the kernels' intrinsics are written with. No kernels here.
+the LLVM IR helpers and tile-configuration intrinsics the kernels are written with. No kernels here.
 
 Linux hands out the tile data registers per process on request (arch_prctl ARCH_REQ_XCOMP_PERM); the request is made
 once, at import, before any thread runs a tile instruction.
@@ -11,7 +11,9 @@ import ctypes
 import os
 
 from llvmlite import ir
+from numba import types
 from numba.core import cgutils
+from numba.extending import intrinsic
 
 from engine.kernels.cpu_features import detect_cpu_features
 
@@ -49,3 +51,24 @@ def declare(builder: ir.IRBuilder, name: str, arg_types: list) -> ir.Function:
 def data_pointer(context, builder: ir.IRBuilder, array_type, array_value) -> ir.Value:
     """i8* to the first element of a Numba array argument."""
     return builder.bitcast(context.make_array(array_type)(context, builder, array_value).data, BYTE_PTR)
+
+
+@intrinsic
+def configure_tiles(typingctx, config):
+    """Load a 64-byte tile configuration for this thread (it stays until release_tiles)."""
+
+    def codegen(context, builder, signature, args):
+        builder.call(declare(builder, "llvm.x86.ldtilecfg", [BYTE_PTR]),
+                     [data_pointer(context, builder, signature.args[0], args[0])])
+        return context.get_dummy_value()
+
+    return types.void(config), codegen
+
+
+@intrinsic
+def release_tiles(typingctx):
+    def codegen(context, builder, signature, args):
+        builder.call(declare(builder, "llvm.x86.tilerelease", []), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen

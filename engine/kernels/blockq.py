@@ -14,8 +14,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.kernels.amx import AMX_AVAILABLE
-from engine.kernels.blockq_amx import matmul_amx
 from engine.kernels.cpu_features import detect_cpu_features
 
 BLOCK_SIZE = 32  # elements per GGUF block, each with its own scale
@@ -857,35 +855,6 @@ _QUANTIZE_A16_MATMUL = {
     "portable": _quantize_a16_matmul_portable,
 }[KERNEL_PATH]
 
-# From this many tokens on, the AMX tile kernel beats the VNNI one (measured on the SmolLM2-135M shapes 576->960,
-# 576->3072, 1536->576 and the 49152-row head, A16: 0.8-1.3x at 32 tokens, 1.0-1.9x at 64, 1.2-2.0x at 128; 0.7-0.9x
-# at 16, where unpacking every code to a byte is not paid back).
-AMX_MIN_TOKENS = 48
-
-
-def _use_amx(num_tokens: int) -> bool:
-    return AMX_AVAILABLE and num_tokens >= AMX_MIN_TOKENS
-
-
-def _matmul(xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
-            fmt: int) -> np.ndarray:
-    if _use_amx(xq.shape[0]):
-        return matmul_amx(xq, xd, xsum, wq, wd, wm, fmt)
-    return _MATMUL(xq, xd, xsum, wq, wd, wm, fmt)
-
-
-def _quantize_matmul(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
-    if _use_amx(x.shape[0]):
-        return matmul_amx(*_quantize_q8_blocks(x), wq, wd, wm, fmt)
-    return _QUANTIZE_MATMUL(x, wq, wd, wm, fmt)
-
-
-def _quantize_a16_matmul(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> np.ndarray:
-    if _use_amx(x.shape[0]):
-        return matmul_amx(*_quantize_a16_blocks(x), wq, wd, wm, fmt)
-    return _QUANTIZE_A16_MATMUL(x, wq, wd, wm, fmt)
-
-
 def _check(name: str, array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...] | int) -> None:
     """array must be a C-contiguous ndarray of dtype with this shape (or, given an int, this many dimensions)."""
     if (
@@ -968,7 +937,7 @@ def matmul_q4_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) 
     uint8 nibble pairs in kernel order (to_kernel_order), wd (N, K // 32) float32 -> (T, N) float32
     = Σ_b wd·xd·Σ (nibble - 8)·q, summed in the fixed order described at the top of this module."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _UINT8))
-    return _matmul(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
 
 
 def matmul_q4_1(
@@ -977,40 +946,40 @@ def matmul_q4_1(
     """y = x @ W.T for Q4_1 weights (wq in kernel order). xsum (T, K // 32) int32 = Σ xq per block, wm (N, K // 32)
     float32 block minimums -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·q + wm·xd·xsum]."""
     _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, _UINT8))
-    return _matmul(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
+    return _MATMUL(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
 
 
 def matmul_q8_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """y = x @ W.T for Q8_0 weights. wq (N, K) int8 (GGUF order), wd (N, K // 32) float32 -> (T, N) float32
     = Σ_b wd·xd·Σ w·q."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _INT8))
-    return _matmul(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
 
 
 def quantize_matmul_q4_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """quantize_q8_blocks(x) then matmul_q4_0, in one call (no intermediate arrays cross into Python).
     x (T, K) float32 -> (T, N) float32, the same bits as the two calls."""
     _check_float_input(x, check_weights(wq, wd, None, _UINT8))
-    return _quantize_matmul(x, wq, wd, wd, _FMT_Q4_0)
+    return _QUANTIZE_MATMUL(x, wq, wd, wd, _FMT_Q4_0)
 
 
 def quantize_matmul_q4_1(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray) -> np.ndarray:
     """quantize_q8_blocks(x) then matmul_q4_1, in one call. x (T, K) float32 -> (T, N) float32."""
     _check_float_input(x, check_weights(wq, wd, wm, _UINT8))
-    return _quantize_matmul(x, wq, wd, wm, _FMT_Q4_1)
+    return _QUANTIZE_MATMUL(x, wq, wd, wm, _FMT_Q4_1)
 
 
 def quantize_matmul_q8_0(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """quantize_q8_blocks(x) then matmul_q8_0, in one call. x (T, K) float32 -> (T, N) float32."""
     _check_float_input(x, check_weights(wq, wd, None, _INT8))
-    return _quantize_matmul(x, wq.view(np.uint8), wd, wd, _FMT_Q8_0)
+    return _QUANTIZE_MATMUL(x, wq.view(np.uint8), wd, wd, _FMT_Q8_0)
 
 
 def matmul_q4_0_a16(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """matmul_q4_0 with A16 activations: xq (T, 2, K) int8 digits, xd (T, K // 32) float32 from quantize_a16_blocks
     -> (T, N) float32 = Σ_b wd·xd·Σ (nibble - 8)·(256·coarse + fine), in the same fixed order."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _UINT8), num_digits=2)
-    return _matmul(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
 
 
 def matmul_q4_1_a16(
@@ -1019,29 +988,29 @@ def matmul_q4_1_a16(
     """matmul_q4_1 with A16 activations from quantize_a16_blocks (xsum (T, K // 32) int32 = Σ codes per block)
     -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·(256·coarse + fine) + wm·xd·xsum]."""
     _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, _UINT8), num_digits=2)
-    return _matmul(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
+    return _MATMUL(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
 
 
 def matmul_q8_0_a16(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """matmul_q8_0 with A16 activations from quantize_a16_blocks -> (T, N) float32
     = Σ_b wd·xd·Σ w·(256·coarse + fine)."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _INT8), num_digits=2)
-    return _matmul(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
+    return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
 
 
 def quantize_matmul_q4_0_a16(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """quantize_a16_blocks(x) then matmul_q4_0_a16, in one call. x (T, K) float32 -> (T, N) float32."""
     _check_float_input(x, check_weights(wq, wd, None, _UINT8))
-    return _quantize_a16_matmul(x, wq, wd, wd, _FMT_Q4_0)
+    return _QUANTIZE_A16_MATMUL(x, wq, wd, wd, _FMT_Q4_0)
 
 
 def quantize_matmul_q4_1_a16(x: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray) -> np.ndarray:
     """quantize_a16_blocks(x) then matmul_q4_1_a16, in one call. x (T, K) float32 -> (T, N) float32."""
     _check_float_input(x, check_weights(wq, wd, wm, _UINT8))
-    return _quantize_a16_matmul(x, wq, wd, wm, _FMT_Q4_1)
+    return _QUANTIZE_A16_MATMUL(x, wq, wd, wm, _FMT_Q4_1)
 
 
 def quantize_matmul_q8_0_a16(x: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """quantize_a16_blocks(x) then matmul_q8_0_a16, in one call. x (T, K) float32 -> (T, N) float32."""
     _check_float_input(x, check_weights(wq, wd, None, _INT8))
-    return _quantize_a16_matmul(x, wq.view(np.uint8), wd, wd, _FMT_Q8_0)
+    return _QUANTIZE_A16_MATMUL(x, wq.view(np.uint8), wd, wd, _FMT_Q8_0)

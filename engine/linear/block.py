@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from engine.formats.ggml import BLOCK_GEOMETRY, GGMLType
-from engine.kernels import blockq
+from engine.kernels import blockq, blockq_amx_rows
+from engine.kernels.amx import AMX_AVAILABLE
 
 SUPPORTED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 # Activation precision of __call__: 16 (blockq's A16: 16-bit codes as two int8 digits) or 8 (llama.cpp's Q8
@@ -16,6 +17,8 @@ SUPPORTED_TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0)
 # with A16 they are within ~0.02. Decode, which reads each weight once per token, stays near the int8 speed (both
 # digits meet each weight vector in one pass); compute-bound prefill does twice the byte dots.
 ACTIVATION_BITS = (8, 16)
+# blockq's format numbers, for the kernels that take the format as an argument
+_FORMAT_CODES = {GGMLType.Q4_0: 0, GGMLType.Q4_1: 1, GGMLType.Q8_0: 2}
 # Byte offset of the quantized values inside a GGUF block: after fp16 d (and fp16 m for Q4_1).
 _CODES_OFFSET = {GGMLType.Q4_0: 2, GGMLType.Q4_1: 4, GGMLType.Q8_0: 2}
 
@@ -50,6 +53,9 @@ class BlockQuantLinear:
         self.wd = wd  # (out_features, in_features // 32) float32: fp16 block scales, widened
         self.wm = wm  # (out_features, in_features // 32) float32: Q4_1 fp16 block minimums, widened; else None
         self.activation_bits = activation_bits
+        # The codes laid out for the AMX kernel, made on the first batch that uses it (never for a matrix that only
+        # decodes single tokens); engine thread only, like every call.
+        self._amx_layout: blockq_amx_rows.AmxLayout | None = None
 
     @classmethod
     def from_gguf_blocks(cls, ggml_type: GGMLType, raw: np.ndarray, in_features: int,
@@ -111,6 +117,8 @@ class BlockQuantLinear:
         activations quantized to self.activation_bits."""
         if self.activation_bits == 8:
             return self.matmul_int8(x)
+        if self._uses_amx(x):
+            return self._matmul_amx(*blockq.quantize_a16_blocks(x))
         if self.ggml_type == GGMLType.Q4_0:
             return blockq.quantize_matmul_q4_0_a16(x, self.wq, self.wd)
         if self.ggml_type == GGMLType.Q4_1:
@@ -121,6 +129,8 @@ class BlockQuantLinear:
         """The product with int8 activations whatever activation_bits is: for a coarse pass where speed matters more
         than the last bits (the output head's ranking). x: (num_tokens, in_features) float32 -> (num_tokens,
         out_features) float32."""
+        if self._uses_amx(x):
+            return self._matmul_amx(*blockq.quantize_q8_blocks(x))
         if self.ggml_type == GGMLType.Q4_0:
             return blockq.quantize_matmul_q4_0(x, self.wq, self.wd)
         if self.ggml_type == GGMLType.Q4_1:
@@ -136,6 +146,24 @@ class BlockQuantLinear:
         if self.ggml_type == GGMLType.Q4_1:
             return blockq.matmul_q4_1(xq, xd, xsum, self.wq, self.wd, self.wm)
         return blockq.matmul_q8_0(xq, xd, self.wq, self.wd)
+
+    def _uses_amx(self, x: np.ndarray) -> bool:
+        """Whether x goes to the AMX kernel: a batch of at least blockq_amx_rows.MIN_TOKENS tokens, on a CPU with AMX,
+        for a matrix small enough to lay out. Raises ValueError when x does not fit the matrix."""
+        if not (AMX_AVAILABLE and getattr(x, "ndim", 0) == 2 and x.shape[0] >= blockq_amx_rows.MIN_TOKENS
+                and self.out_features * self.in_features <= blockq_amx_rows.MAX_LAYOUT_WEIGHTS):
+            return False
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"x has {x.shape[1]} columns but the weight has in_features={self.in_features}")
+        return True
+
+    def _matmul_amx(self, xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray) -> np.ndarray:
+        """The product on AMX tiles from quantized activations (int8 codes or A16 digits): the same bits as blockq's."""
+        fmt = _FORMAT_CODES[self.ggml_type]
+        if self._amx_layout is None:
+            wm = self.wm if self.wm is not None else self.wd
+            self._amx_layout = blockq_amx_rows.lay_out(self.wq.view(np.uint8), self.wd, wm, fmt)
+        return blockq_amx_rows.matmul_amx_rows(xq, xd, xsum, self._amx_layout, fmt)
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
         """row_ids: (num_rows,) int64 -> (num_rows, in_features) float32; only those rows are expanded."""
