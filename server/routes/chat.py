@@ -8,11 +8,20 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from engine.request import RequestOutput
 from server import protocol
 from server.errors import APIError
-from server.generation import EngineFailure, api_finish_reason, chat_logprobs, collect, stream_outputs
+from server.generation import EngineFailure, api_finish_reason, chat_logprobs, collect
 from server.registry import ServedModel
-from server.routes.common import AppState, admit, app_state, default_max_tokens, require_api_key, resolve_model
+from server.routes.common import (
+    AppState,
+    admit,
+    app_state,
+    default_max_tokens,
+    require_api_key,
+    resolve_model,
+    stream_events,
+)
 from server.streaming import RequestGroup, sse_event
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -61,23 +70,23 @@ async def _chat_stream(state: AppState, served: ServedModel, group: RequestGroup
 
     yield chunk([protocol.ChatCompletionChunkChoice(index=i, delta=protocol.DeltaMessage(role="assistant", content=""))
                  for i in range(len(group.requests))])
-    num_output_tokens = 0
-    try:
-        async for index, output in stream_outputs(group):
-            num_output_tokens += len(output.token_ids)
-            logprobs = chat_logprobs(output.logprobs, token_text) if output.logprobs else None
-            if output.text or logprobs:
-                yield chunk([protocol.ChatCompletionChunkChoice(
-                    index=index, delta=protocol.DeltaMessage(content=output.text), logprobs=logprobs)])
-            if output.finished:
-                yield chunk([protocol.ChatCompletionChunkChoice(
-                    index=index, delta=protocol.DeltaMessage(), finish_reason=api_finish_reason(output.finish_reason))])
-    except EngineFailure as exc:
-        yield sse_event(APIError.server_error(str(exc)).body())
-        return
-    if body.include_usage:
-        yield chunk([], protocol.Usage.of(num_prompt_tokens, num_output_tokens))
-    yield sse_event("[DONE]")
+
+    def output_events(index: int, output: RequestOutput) -> list[bytes]:
+        events = []
+        logprobs = chat_logprobs(output.logprobs, token_text) if output.logprobs else None
+        if output.text or logprobs:
+            events.append(chunk([protocol.ChatCompletionChunkChoice(
+                index=index, delta=protocol.DeltaMessage(content=output.text), logprobs=logprobs)]))
+        if output.finished:
+            events.append(chunk([protocol.ChatCompletionChunkChoice(
+                index=index, delta=protocol.DeltaMessage(), finish_reason=api_finish_reason(output.finish_reason))]))
+        return events
+
+    def usage_event(num_output_tokens: int) -> bytes:
+        return chunk([], protocol.Usage.of(num_prompt_tokens, num_output_tokens))
+
+    async for event in stream_events(group, output_events, usage_event if body.include_usage else None):
+        yield event
 
 
 def _token_text(served: ServedModel) -> Callable[[int], str]:

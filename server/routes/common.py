@@ -1,21 +1,24 @@
-"""What every generation route shares: app state lookup, API-key auth, model resolution, admission."""
+"""What every generation route shares: app state lookup, API-key auth, model resolution, admission, and the SSE
+body's common course (outputs, engine failure, usage, [DONE])."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from engine.engine import RequestRejectedError
 from engine.engine_loop import QueueFullError
+from engine.request import RequestOutput
 from engine.sampling import SamplingParams
 from server.errors import APIError
-from server.generation import build_group
+from server.generation import EngineFailure, build_group, stream_outputs
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ServedModel, UnknownModelError
 from server.settings import ServerSettings
-from server.streaming import RequestGroup
+from server.streaming import RequestGroup, sse_event
 
 # A full queue drains in about this long on a busy CPU box; clients back off at least this much.
 RETRY_AFTER_S = 1
@@ -83,3 +86,22 @@ def admit(state: AppState, served: ServedModel, prompt_ids: list[int], params: S
     except QueueFullError as exc:
         raise APIError.rate_limited(f"server busy: {exc}; retry after {RETRY_AFTER_S} s", RETRY_AFTER_S) from None
     return group
+
+
+async def stream_events(group: RequestGroup, output_events: Callable[[int, RequestOutput], list[bytes]],
+                        usage_event: Callable[[int], bytes] | None) -> AsyncIterator[bytes]:
+    """The SSE events of a streamed group after its opening ones: output_events(choice index, output) for each engine
+    output, an OpenAI error event (and nothing more) if the engine fails, then usage_event(output tokens) when the
+    client asked for usage, then [DONE]."""
+    num_output_tokens = 0
+    try:
+        async for index, output in stream_outputs(group):
+            num_output_tokens += len(output.token_ids)
+            for event in output_events(index, output):
+                yield event
+    except EngineFailure as exc:
+        yield sse_event(APIError.server_error(str(exc)).body())
+        return
+    if usage_event is not None:
+        yield usage_event(num_output_tokens)
+    yield sse_event("[DONE]")

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from engine.request import RequestOutput
 from server import protocol
 from server.errors import APIError
-from server.generation import EngineFailure, api_finish_reason, collect, completion_logprobs, stream_outputs
+from server.generation import EngineFailure, api_finish_reason, collect, completion_logprobs
 from server.registry import ServedModel
-from server.routes.common import AppState, admit, app_state, require_api_key, resolve_model
+from server.routes.common import AppState, admit, app_state, require_api_key, resolve_model, stream_events
 from server.streaming import RequestGroup, sse_event
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -56,17 +57,14 @@ async def _stream(state: AppState, served: ServedModel, group: RequestGroup, bod
                                              system_fingerprint=state.system_fingerprint, choices=choices,
                                              usage=usage).model_dump(mode="json"))
 
-    num_output_tokens = 0
-    try:
-        async for index, output in stream_outputs(group):
-            num_output_tokens += len(output.token_ids)
-            yield chunk([protocol.CompletionChoice(
-                index=index, text=output.text,
-                logprobs=completion_logprobs(output.logprobs, decode) if output.logprobs else None,
-                finish_reason=api_finish_reason(output.finish_reason) if output.finished else None)])
-    except EngineFailure as exc:
-        yield sse_event(APIError.server_error(str(exc)).body())
-        return
-    if body.include_usage:
-        yield chunk([], protocol.Usage.of(num_prompt_tokens, num_output_tokens))
-    yield sse_event("[DONE]")
+    def output_events(index: int, output: RequestOutput) -> list[bytes]:
+        return [chunk([protocol.CompletionChoice(
+            index=index, text=output.text,
+            logprobs=completion_logprobs(output.logprobs, decode) if output.logprobs else None,
+            finish_reason=api_finish_reason(output.finish_reason) if output.finished else None)])]
+
+    def usage_event(num_output_tokens: int) -> bytes:
+        return chunk([], protocol.Usage.of(num_prompt_tokens, num_output_tokens))
+
+    async for event in stream_events(group, output_events, usage_event if body.include_usage else None):
+        yield event
