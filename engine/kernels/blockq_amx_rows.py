@@ -57,7 +57,7 @@ class AmxLayout(NamedTuple):
 
     codes: np.ndarray  # (pairs, 2, num_blocks, 8, 64) int8: tile row q holds codes 4q .. 4q+3 of each of 16 rows
     scales: np.ndarray  # (pairs, 2, num_blocks, 16) float32: the block scales wd
-    mins: np.ndarray  # (pairs, 2, num_blocks, 16) float32: the block minimums wm (Q4_1), else wd again
+    mins: np.ndarray  # (pairs, 2, num_blocks, 16) float32: the block minimums wm (Q4_1), else `scales` itself
     code_sums: np.ndarray  # (pairs, 2, num_blocks, 16) int32: Σ codes of the block, for the +128 offset
     num_rows: int
 
@@ -255,7 +255,8 @@ def _lay_out(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
     num_pairs = (num_rows + 2 * TILE_ROWS - 1) // (2 * TILE_ROWS)
     codes = np.empty((num_pairs, 2, num_blocks, _QUADS_PER_BLOCK, 64), np.int8)
     scales = np.empty((num_pairs, 2, num_blocks, TILE_ROWS), np.float32)
-    mins = np.empty((num_pairs, 2, num_blocks, TILE_ROWS), np.float32)
+    # (pairs, 2, num_blocks, 16) float32 for Q4_1; other formats have no minimums (empty; lay_out passes scales)
+    mins = np.empty((num_pairs if fmt == _FMT_Q4_1 else 0, 2, num_blocks, TILE_ROWS), np.float32)
     code_sums = np.empty((num_pairs, 2, num_blocks, TILE_ROWS), np.int32)
     words = codes.view(np.int32)  # (pairs, 2, num_blocks, 8, 16) int32: [pair, group, block, quad, row]
     num_grouped = 0 if fmt == _FMT_Q8_0 else num_blocks // 16 * 16  # blocks in interleaved groups of 16
@@ -287,7 +288,8 @@ def _lay_out(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
                 for quad in range(_QUADS_PER_BLOCK):
                     words[pair, group, block, quad, column] = block_words[quad]
                 scales[pair, group, block, column] = wd[row, block]
-                mins[pair, group, block, column] = wm[row, block]
+                if fmt == _FMT_Q4_1:
+                    mins[pair, group, block, column] = wm[row, block]
                 code_sums[pair, group, block, column] = total
     return codes, scales, mins, code_sums
 
@@ -295,7 +297,8 @@ def _lay_out(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
 def lay_out(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int) -> AmxLayout:
     """wq (N, K // 2) uint8 Q4 codes in kernel order, or (N, K) Q8_0 codes viewed as uint8; wd, wm (N, K // 32)
     float32 (wm = wd when the format has no minimums) -> the matrix laid out for matmul_amx_rows."""
-    return AmxLayout(*_lay_out(wq, wd, wm, fmt), num_rows=wd.shape[0])
+    codes, scales, mins, code_sums = _lay_out(wq, wd, wm, fmt)
+    return AmxLayout(codes, scales, mins if fmt == _FMT_Q4_1 else scales, code_sums, num_rows=wd.shape[0])
 
 
 @njit(cache=True, nogil=True)
