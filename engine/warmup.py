@@ -29,9 +29,7 @@ def warm_up(model: LoadedModel) -> None:
     """Run every kernel shape a request will hit (a long and a short prefill, single-token decodes) once, so JIT or
     cache loading happens here and never inside a request."""
     num_prompt = max(1, min(WARMUP_PROMPT_TOKENS, model.args.max_position_embeddings - 2))
-    prompt = [token % model.args.vocab_size for token in range(num_prompt)]
-    model.generate(prompt, max_new_tokens=2)
-    model.logits(prompt)  # the output head over a batch of rows too, as when many sequences decode at once
+    model.generate([token % model.args.vocab_size for token in range(num_prompt)], max_new_tokens=2)
     model.generate([token % model.args.vocab_size for token in range(3)], max_new_tokens=2)
 
 
