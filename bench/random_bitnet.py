@@ -19,12 +19,9 @@ FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" 
 def write_random_bitnet(args: ModelArgs, model_dir: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     model_dir.mkdir(parents=True, exist_ok=True)
-    q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    shapes = {"self_attn.q_proj": (q_out, args.hidden_size), "self_attn.k_proj": (kv_out, args.hidden_size),
-              "self_attn.v_proj": (kv_out, args.hidden_size), "self_attn.o_proj": (args.hidden_size, q_out),
-              "mlp.gate_proj": (args.intermediate_size, args.hidden_size),
-              "mlp.up_proj": (args.intermediate_size, args.hidden_size),
-              "mlp.down_proj": (args.hidden_size, args.intermediate_size)}
+    q_out = args.num_heads * args.head_dim
+    shapes = {("self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.") + name: shape
+              for name, shape in args.linear_shapes.items()}
     norms = {"input_layernorm": args.hidden_size, "post_attention_layernorm": args.hidden_size,
              "self_attn.attn_sub_norm": q_out, "mlp.ffn_sub_norm": args.intermediate_size}
     tensors: dict[str, tuple[str, np.ndarray]] = {}

@@ -52,6 +52,20 @@ class ModelArgs:
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each projection of a layer, by its LayerWeights field name."""
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (q_out, self.hidden_size),
+            "k_proj": (kv_out, self.hidden_size),
+            "v_proj": (kv_out, self.hidden_size),
+            "o_proj": (self.hidden_size, q_out),
+            "gate_proj": (self.intermediate_size, self.hidden_size),
+            "up_proj": (self.intermediate_size, self.hidden_size),
+            "down_proj": (self.hidden_size, self.intermediate_size),
+        }
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelArgs:
         """Build from a dict, ignoring keys that are not fields (HF configs carry many)."""

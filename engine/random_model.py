@@ -41,19 +41,13 @@ def random_model(args: ModelArgs, seed: int = 0, head_type: GGMLType = GGMLType.
     def norm(size: int) -> np.ndarray:
         return rng.uniform(0.6, 1.4, size).astype(np.float32)  # (size,) float32
 
-    q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    q_out = args.num_heads * args.head_dim
     bitnet = args.architecture == "bitnet"
     layers = [
         LayerWeights(
             attn_norm=norm(args.hidden_size),
-            q_proj=linear(q_out, args.hidden_size),
-            k_proj=linear(kv_out, args.hidden_size),
-            v_proj=linear(kv_out, args.hidden_size),
-            o_proj=linear(args.hidden_size, q_out),
             ffn_norm=norm(args.hidden_size),
-            gate_proj=linear(args.intermediate_size, args.hidden_size),
-            up_proj=linear(args.intermediate_size, args.hidden_size),
-            down_proj=linear(args.hidden_size, args.intermediate_size),
+            **{name: linear(*shape) for name, shape in args.linear_shapes.items()},
             attn_sub_norm=norm(q_out) if bitnet else None,
             ffn_sub_norm=norm(args.intermediate_size) if bitnet else None,
         )

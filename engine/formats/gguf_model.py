@@ -179,16 +179,8 @@ class _GGUFLoader:
 
     def _layer(self, layer: int) -> LayerWeights:
         args = self.args
-        q_rows, kv_rows = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        shapes = {
-            "q_proj": (q_rows, args.hidden_size),
-            "k_proj": (kv_rows, args.hidden_size),
-            "v_proj": (kv_rows, args.hidden_size),
-            "o_proj": (args.hidden_size, q_rows),
-            "gate_proj": (args.intermediate_size, args.hidden_size),
-            "up_proj": (args.intermediate_size, args.hidden_size),
-            "down_proj": (args.hidden_size, args.intermediate_size),
-        }
+        q_rows = args.num_heads * args.head_dim
+        shapes = args.linear_shapes
         heads = {"q_proj": args.num_heads, "k_proj": args.num_kv_heads} if self.permute_qk else {}
         norm_sizes = {"attn_norm": args.hidden_size, "ffn_norm": args.hidden_size}
         if args.architecture == "bitnet":

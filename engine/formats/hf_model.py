@@ -132,16 +132,8 @@ class _HFReader:
 
     def _layer(self, i: int) -> LayerWeights:
         args = self.args
-        q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        shapes = {
-            "q_proj": (q_out, args.hidden_size),
-            "k_proj": (kv_out, args.hidden_size),
-            "v_proj": (kv_out, args.hidden_size),
-            "o_proj": (args.hidden_size, q_out),
-            "gate_proj": (args.intermediate_size, args.hidden_size),
-            "up_proj": (args.intermediate_size, args.hidden_size),
-            "down_proj": (args.hidden_size, args.intermediate_size),
-        }
+        q_out = args.num_heads * args.head_dim
+        shapes = args.linear_shapes
         prefix = f"model.layers.{i}."
         fields: dict[str, Any] = {
             field: self._linear(prefix + name + ".weight", shapes[field]) for field, name in _LINEAR_NAMES.items()
