@@ -454,6 +454,14 @@ def _row_pointer(context, builder: ir.IRBuilder, array_type, array_value, row: i
     return builder.gep(data, [builder.mul(row, row_stride_bytes)]), builder.extract_value(array.shape, 1)
 
 
+def _prefetch(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value) -> None:
+    """Read prefetch into all cache levels (a hint: addresses past the end of the array are harmless)."""
+    fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [builder.gep(base, [byte_offset]), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                      ir.Constant(_I32, 1)])
+
+
 def _prefix_mask(builder: ir.IRBuilder, num_valid: ir.Value, width: int) -> ir.Value:
     """<width x i1> with the first num_valid lanes set, 1 <= num_valid <= width (lane i is bit i of the integer)."""
     bits = builder.sub(builder.shl(_const(1), num_valid), _const(1))
@@ -502,18 +510,28 @@ def _fold_pairs(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.
 
 
 def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[dict], token_rows: list[dict],
-               lanes: list[list], block0: ir.Value, tail: ir.Value | None, num_active_loads: int) -> None:
+               lanes: list[list], block0: ir.Value, tail: ir.Value | None, num_active_loads: int,
+               prefetch: dict) -> None:
     """Adds the scaled dots of blocks block0 .. block0 + 15 to lanes[row][token] for every row and token of the tile.
 
     tail: number of real blocks (< 16) in a row's last, partial step, else None. Only the first num_active_loads
     weight vectors hold real blocks; the rest are known zeros and cost nothing. Each weight vector is loaded and
     unpacked once for all tokens and activation digits, each activation vector once for all rows.
+    prefetch: {"wanted": i1, "wq" and "wd": byte distances to the next row tile}; when wanted, the step first
+    prefetches the same bytes of the next tile's rows.
     """
     bytes_per_block = 32 if fmt == _FMT_Q8_0 else 16
     num_loads = bytes_per_block // 4  # 64-byte weight vectors per 16 blocks
     weight_offset = builder.mul(block0, _const(bytes_per_block))
     act_offset = builder.mul(block0, _const(32))
     scale_offset = builder.mul(block0, _const(4))
+    with builder.if_then(prefetch["wanted"], likely=True):
+        for rows in weight_rows:
+            for load in range(num_active_loads):
+                _prefetch(builder, rows["wq"], builder.add(builder.add(weight_offset, _const(64 * load)),
+                                                           prefetch["wq"]))
+            for name in ("wd", "wm") if fmt == _FMT_Q4_1 else ("wd",):
+                _prefetch(builder, rows[name], builder.add(scale_offset, prefetch["wd"]))
     float_mask = None if tail is None else _prefix_mask(builder, tail, 16)
     unsigned_weights = []  # [row][load]: the unsigned operands, Q4 (low nibbles, high nibbles), Q8 (w + 128,)
     weight_scales = []  # [row]: (scales, mins or None) <16 x float>
@@ -615,11 +633,20 @@ def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int, vnni: bo
                            for name, position in (("xd", 5), ("xc", 6), ("xs", 7))})
         token_rows[-1]["xp"] = _digit_pointers(context, builder, sig.args[4], args[4], token)
     lanes = [[cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None)) for _ in token_rows] for _ in weight_rows]
+    # Streaming weights from DRAM, the hardware prefetcher alone leaves half the bandwidth unused: the tile that
+    # starts at token 0 (every row tile has one) prefetches the next row tile's bytes as it reads its own. Measured
+    # on a 128256 x 2560 head at 1 token: Q8_0 29 -> 56 GB/s, Q4_0 27 -> 48 GB/s (two or six tiles ahead: 33-38).
+    first_token = context.cast(builder, builder.extract_value(args[8], 0), sig.args[8].dtype, types.int64)
+    prefetch = {"wanted": builder.icmp_signed("==", first_token, _const(0))}
+    for name, position in (("wq", 0), ("wd", 1)):
+        stride = builder.extract_value(context.make_array(sig.args[position])(context, builder, args[position]).strides,
+                                       0)
+        prefetch[name] = builder.mul(stride, _const(len(weight_rows)))
     num_steps = builder.udiv(num_blocks, _const(16))
     num_loads = 8 if fmt == _FMT_Q8_0 else 4
     with cgutils.for_range(builder, num_steps) as loop:
         block0 = builder.mul(loop.index, _const(16))
-        _emit_step(builder, fmt, vnni, weight_rows, token_rows, lanes, block0, None, num_loads)
+        _emit_step(builder, fmt, vnni, weight_rows, token_rows, lanes, block0, None, num_loads, prefetch)
     tail = builder.urem(num_blocks, _const(16))
     blocks_per_load = 2 if fmt == _FMT_Q8_0 else 4
     num_tail_loads = builder.udiv(builder.add(tail, _const(blocks_per_load - 1)), _const(blocks_per_load))
@@ -630,7 +657,7 @@ def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int, vnni: bo
         case = builder.append_basic_block(f"tail_{num_active_loads}")
         switch.add_case(_const(num_active_loads), case)
         builder.position_at_end(case)
-        _emit_step(builder, fmt, vnni, weight_rows, token_rows, lanes, block0, tail, num_active_loads)
+        _emit_step(builder, fmt, vnni, weight_rows, token_rows, lanes, block0, tail, num_active_loads, prefetch)
         builder.branch(done)
     builder.position_at_end(done)
     results = [_sum_lanes_ir(builder, builder.load(cell)) for row_lanes in lanes for cell in row_lanes]
