@@ -35,14 +35,17 @@ class Timing:
 
 @numba.njit(nogil=True, parallel=True, cache=True)
 def _sum_int64(values: np.ndarray) -> int:
-    """Integer sum over all threads: integer adds vectorize, so the loop is limited by memory reads only."""
+    """Integer sum over all threads: integer adds vectorize, so the loop is limited by memory reads only. Each inner
+    loop runs from 0 over a slice: an index that might be negative would make Numba wrap it, and LLVM would then
+    gather element by element (a third of the bandwidth)."""
     num_chunks = 64
     chunk = values.size // num_chunks
     partial = np.zeros(num_chunks, dtype=np.int64)  # (num_chunks,) int64, one slot per iteration
     for index in numba.prange(num_chunks):
+        part = values[index * chunk:(index + 1) * chunk]  # (chunk,) int64
         total = 0
-        for k in range(index * chunk, (index + 1) * chunk):
-            total += values[k]
+        for k in range(part.size):
+            total += part[k]
         partial[index] = total
     return partial.sum()
 
