@@ -516,7 +516,7 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
 
     tail: number of real blocks (< 16) in a row's last, partial step, else None. Only the first num_active_loads
     weight vectors hold real blocks; the rest are known zeros and cost nothing. Each weight vector is loaded and
-    unpacked once for all tokens and activation digits, each activation vector once for all rows.
+    unpacked once for all tokens and activation digits.
     prefetch: {"wanted": i1, "wq" and "wd": byte distances to the next row tile}; when wanted, the step first
     prefetches the same bytes of the next tile's rows.
     """
@@ -533,10 +533,19 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
             for name in ("wd", "wm") if fmt == _FMT_Q4_1 else ("wd",):
                 _prefetch(builder, rows[name], builder.add(scale_offset, prefetch["wd"]))
     float_mask = None if tail is None else _prefix_mask(builder, tail, 16)
-    unsigned_weights = []  # [row][load]: the unsigned operands, Q4 (low nibbles, high nibbles), Q8 (w + 128,)
-    weight_scales = []  # [row]: (scales, mins or None) <16 x float>
-    for rows in weight_rows:
-        unsigned_weights.append([])
+    zero = ir.Constant(_INTS, None)
+    num_parts = 1 if fmt == _FMT_Q8_0 else 2
+    radix_bits = ir.Constant(_INTS, [ir.Constant(_I32, _A16_RADIX.bit_length() - 1)] * 16)
+    kernel_order = tail is None and fmt != _FMT_Q8_0
+    # Kernel order: lane l of every vector belongs to block l, so byte dots may share an accumulator: two weight
+    # vectors per chain (4 dependent dots) measured fastest, against 1 (more adds) and 4 (longer chains). GGUF order
+    # needs one vector per weight vector, for the fold below.
+    loads_per_chain = 2 if kernel_order else 1
+    # Rows outside, tokens inside: only one row's unpacked weights are live at a time, and each activation vector is
+    # loaded where a byte dot uses it (a memory operand of vpdpbusd). Holding every token's activations for all rows
+    # needed more than the 32 vector registers, and the spills cost more than reloading from L1.
+    for rows, row_lanes in zip(weight_rows, lanes, strict=True):
+        unsigned_weights = []  # [load]: the unsigned operands, Q4 (low nibbles, high nibbles), Q8 (w + 128,)
         for load in range(num_active_loads):
             mask = None
             if tail is not None and load == num_active_loads - 1:
@@ -544,38 +553,25 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
                 mask = _prefix_mask(builder, valid_bytes, 64)
             weights = _load(builder, rows["wq"], builder.add(weight_offset, _const(64 * load)), _BYTES, mask)
             if fmt == _FMT_Q8_0:
-                unsigned_weights[-1].append((builder.xor(weights, _splat_bytes(0x80)),))
+                unsigned_weights.append((builder.xor(weights, _splat_bytes(0x80)),))
             else:
                 high = builder.and_(builder.lshr(weights, _splat_bytes(4)), _splat_bytes(15))
-                unsigned_weights[-1].append((builder.and_(weights, _splat_bytes(15)), high))
+                unsigned_weights.append((builder.and_(weights, _splat_bytes(15)), high))
+        scales = _load(builder, rows["wd"], scale_offset, _FLOATS, float_mask)
         mins = _load(builder, rows["wm"], scale_offset, _FLOATS, float_mask) if fmt == _FMT_Q4_1 else None
-        weight_scales.append((_load(builder, rows["wd"], scale_offset, _FLOATS, float_mask), mins))
-    zero = ir.Constant(_INTS, None)
-    num_parts = 1 if fmt == _FMT_Q8_0 else 2
-    radix_bits = ir.Constant(_INTS, [ir.Constant(_I32, _A16_RADIX.bit_length() - 1)] * 16)
-    for token, acts in enumerate(token_rows):
-        # The activations were laid out to meet the weight vectors byte for byte (see _pad_activations).
-        act_vectors = [[[_load(builder, digit_row, builder.add(act_offset, _const(64 * (num_parts * load + part))),
-                               _BYTES, None) for part in range(num_parts)] for load in range(num_active_loads)]
-                       for digit_row in acts["xp"]]  # [digit][load][part]
-        correction = _load(builder, acts["xc"], scale_offset, _INTS, None) if fmt != _FMT_Q4_1 else None
-        act_scales = _load(builder, acts["xd"], scale_offset, _FLOATS, None)
-        act_sums = _load(builder, acts["xs"], scale_offset, _FLOATS, None) if fmt == _FMT_Q4_1 else None
-        for row in range(len(weight_rows)):
+        for acts, cell in zip(token_rows, row_lanes, strict=True):
             dots = None  # <16 x i32>: lane i = the code dot of block block0 + i, digits combined most significant first
-            for digit_vectors in act_vectors:
-                kernel_order = tail is None and fmt != _FMT_Q8_0
-                # Kernel order: lane l of every vector belongs to block l, so byte dots may share an accumulator:
-                # two weight vectors per chain (4 dependent dots) measured fastest, against 1 (more adds) and 4
-                # (longer chains). GGUF order needs one vector per weight vector, for the fold below.
-                loads_per_chain = 2 if kernel_order else 1
+            for digit_row in acts["xp"]:
                 block_dots = []  # one partial dot vector per chain of weight vectors
                 for first in range(0, num_active_loads, loads_per_chain):
                     dot = zero
                     for load in range(first, min(first + loads_per_chain, num_active_loads)):
                         for part in range(num_parts):
-                            dot = _dot_bytes(builder, dot, unsigned_weights[row][load][part],
-                                             digit_vectors[load][part], vnni)
+                            # The activations were laid out to meet the weight vectors byte for byte (see
+                            # _pad_activations).
+                            act = _load(builder, digit_row,
+                                        builder.add(act_offset, _const(64 * (num_parts * load + part))), _BYTES, None)
+                            dot = _dot_bytes(builder, dot, unsigned_weights[load][part], act, vnni)
                     block_dots.append(dot)
                 if kernel_order:
                     while len(block_dots) > 1:
@@ -588,13 +584,14 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
                         block_dots = [_fold_pairs(builder, block_dots[i], block_dots[i + 1])
                                       for i in range(0, len(block_dots), 2)]
                 dots = block_dots[0] if dots is None else builder.add(builder.shl(dots, radix_bits), block_dots[0])
-            if correction is not None:
-                dots = builder.sub(dots, correction)
-            scales, mins = weight_scales[row]
+            if fmt != _FMT_Q4_1:
+                dots = builder.sub(dots, _load(builder, acts["xc"], scale_offset, _INTS, None))
+            act_scales = _load(builder, acts["xd"], scale_offset, _FLOATS, None)
             products = builder.fmul(builder.sitofp(dots, _FLOATS), builder.fmul(scales, act_scales))
             if mins is not None:
+                act_sums = _load(builder, acts["xs"], scale_offset, _FLOATS, None)
                 products = builder.fadd(products, builder.fmul(mins, act_sums))
-            builder.store(builder.fadd(builder.load(lanes[row][token]), products), lanes[row][token])
+            builder.store(builder.fadd(builder.load(cell), products), cell)
 
 
 def _sum_lanes_ir(builder: ir.IRBuilder, lanes: ir.Value) -> ir.Value:
