@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.kernels.kv_quant import KVFormat, KVLayout, hadamard_rows
@@ -139,21 +140,6 @@ def _half_value(bits):  # pragma: no cover - jitted
 
 
 @njit(cache=True, nogil=True)
-def _exp(x):  # pragma: no cover - jitted
-    """exp(x) for x <= 0 within 1 ulp (0 below -87), branch-free so loops of it vectorize, unlike libm's expf:
-    x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7 (truncation < 6e-9), times 2^n from bits."""
-    clamped = max(x, np.float32(-87.0))
-    n = np.rint(clamped * np.float32(1.4426950408889634))
-    # ln2 in two parts, the first with few mantissa bits so n * it is exact: r keeps full precision.
-    r = (clamped - n * np.float32(0.693145751953125)) - n * np.float32(1.428606765330187e-06)
-    poly = np.float32(1.0 / 5040.0)
-    for coefficient in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
-        poly = poly * r + np.float32(coefficient)
-    power = _bits_float(np.uint32(np.int32(n) + 127) << np.uint32(23))
-    return poly * power if x > np.float32(-87.0) else np.float32(0.0)
-
-
-@njit(cache=True, nogil=True)
 def _block_geometry(logical, layout):  # pragma: no cover - jitted
     """-> (first position, tokens, record format, record bytes) of a sequence's `logical`-th block."""
     sinks = layout.sink_tokens
@@ -235,66 +221,187 @@ def _load_records(block, halves, floats, first_offset, stride, fmt, group_size, 
                 values[d] = (values[d] - np.float32(levels)) * scale
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _dot(query, key):  # pragma: no cover - jitted
-    """query, key: (head_dim,) float32. Reassociation lets this reduction vectorize; it is one loop with no stores,
-    compiled the same wherever it is inlined, so both kernels get the same bits for the same query and key."""
-    total = np.float32(0.0)
-    for d in range(query.shape[0]):
-        total += query[d] * key[d]
-    return total
+# ---------------------------------------------------------------------------------------------------------------------
+# The online-softmax fold in explicit 16-lane vectors (llvmlite IR). Written out because plain Numba loops over the same
+# work ran 2-3x slower: LLVM vectorizes a loop 64 iterations at a time and left 16-key loops scalar, and every row
+# slice costs reference counting. Sixteen keys are one chunk: their 16 scores are one
+# vector, masked to -inf past the visible keys, exponentiated as one vector. Every sum runs in a fixed order (fused
+# multiply-adds over the head dimension in increasing order, then fixed trees), so a query's bits never depend on the
+# kernel or batch that serves it.
+
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_LANES = 16
+_VF = ir.VectorType(_F32, _LANES)
+_VI = ir.VectorType(_I32, _LANES)
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _dot4(query, key0, key1, key2, key3):  # pragma: no cover - jitted
-    """Four dot products in one pass over the query (each query element loaded once); like _dot, the same bits
-    wherever it runs."""
-    total0 = total1 = total2 = total3 = np.float32(0.0)
-    for d in range(query.shape[0]):
-        x = query[d]
-        total0 += x * key0[d]
-        total1 += x * key1[d]
-        total2 += x * key2[d]
-        total3 += x * key3[d]
-    return total0, total1, total2, total3
+def _splat_float(value: float) -> ir.Constant:
+    return ir.Constant(_VF, [ir.Constant(_F32, value)] * _LANES)
 
 
-@njit(cache=True, nogil=True)
-def _fold_block(query, keys, values, num_visible, scores, acc, best, total):  # pragma: no cover - jitted
-    """Fold keys/values[:num_visible] into one query's online softmax: acc (head_dim,) float32 holds the weighted
-    values, best and total the running max score and sum of exp(score - best) -> (best, total). Keys go by fours
-    where they can: which keys a query sees in a block is fixed by positions, so the grouping, and the bits, are
-    the same in every kernel and batch."""
-    head_dim = acc.shape[0]
-    num_fours = num_visible // 4 * 4
-    for j in range(0, num_fours, 4):
-        scores[j], scores[j + 1], scores[j + 2], scores[j + 3] = _dot4(query, keys[j], keys[j + 1], keys[j + 2],
-                                                                       keys[j + 3])
-    for j in range(num_fours, num_visible):
-        scores[j] = _dot(query, keys[j])
-    block_best = np.float32(-np.inf)
-    for j in range(num_visible):
-        block_best = max(block_best, scores[j])
-    if block_best > best:
-        correction = _exp(best - block_best)
-        total *= correction
-        for d in range(head_dim):
-            acc[d] *= correction
-        best = block_best
-    for j in range(num_visible):
-        scores[j] = _exp(scores[j] - best)
-    for j in range(num_visible):
-        total += scores[j]
-    for j in range(0, num_fours, 4):
-        w0, w1, w2, w3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
-        v0, v1, v2, v3 = values[j], values[j + 1], values[j + 2], values[j + 3]
-        for d in range(head_dim):
-            acc[d] += (w0 * v0[d] + w1 * v1[d]) + (w2 * v2[d] + w3 * v3[d])
-    for j in range(num_fours, num_visible):
-        weight, value = scores[j], values[j]
-        for d in range(head_dim):
-            acc[d] += weight * value[d]
-    return best, total
+def _shuffle_mask(indices: list[int]) -> ir.Constant:
+    return ir.Constant(ir.VectorType(_I32, len(indices)), [ir.Constant(_I32, i) for i in indices])
+
+
+def _broadcast(builder: ir.IRBuilder, scalar: ir.Value, vector_type) -> ir.Value:
+    """A vector with every lane equal to scalar."""
+    single = builder.insert_element(ir.Constant(vector_type, None), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(single, ir.Constant(vector_type, None), _shuffle_mask([0] * _LANES))
+
+
+def _vector_call(builder: ir.IRBuilder, name: str, result_type, operands: list) -> ir.Value:
+    fnty = ir.FunctionType(result_type, [operand.type for operand in operands])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), operands)
+
+
+def _fma(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    """a · b + c rounded once (llvm.fma: the same bits on every target)."""
+    return _vector_call(builder, "llvm.fma.v16f32", _VF, [a, b, c])
+
+
+def _vector_exp(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """exp(x) on 16 lanes, within 1 ulp for x <= 0 (0 below -87), with no libm call: x = n ln2 + r with |r| <= ln2 / 2,
+    e^r by its Taylor series to r^7 (truncation < 6e-9), times 2^n from bits. ln2 is split in two parts, the first
+    with few mantissa bits so n times it is exact and r keeps full precision."""
+    clamped = builder.select(builder.fcmp_ordered(">", x, _splat_float(-87.0)), x, _splat_float(-87.0))
+    n = _vector_call(builder, "llvm.rint.v16f32", _VF, [builder.fmul(clamped, _splat_float(1.4426950408889634))])
+    r = builder.fsub(builder.fsub(clamped, builder.fmul(n, _splat_float(0.693145751953125))),
+                     builder.fmul(n, _splat_float(1.428606765330187e-06)))
+    poly = _splat_float(1.0 / 5040.0)
+    for coefficient in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        poly = builder.fadd(builder.fmul(poly, r), _splat_float(coefficient))
+    exponent = builder.add(builder.fptosi(n, _VI), ir.Constant(_VI, [ir.Constant(_I32, 127)] * _LANES))
+    power = builder.bitcast(builder.shl(exponent, ir.Constant(_VI, [ir.Constant(_I32, 23)] * _LANES)), _VF)
+    return builder.select(builder.fcmp_ordered(">", x, _splat_float(-87.0)), builder.fmul(poly, power),
+                          _splat_float(0.0))
+
+
+def _lane_sums(builder: ir.IRBuilder, vectors: list[ir.Value]) -> ir.Value:
+    """16 vectors -> one vector whose lane j is the sum of vectors[j]'s lanes, by a fixed tree of pairwise folds."""
+    level = [(vector, [j]) for j, vector in enumerate(vectors)]
+    width = _LANES
+    while len(level) > 1:
+        width //= 2
+        folded = []
+        for (left, left_ids), (right, right_ids) in zip(level[0::2], level[1::2], strict=True):
+            # Each input holds len(ids) sums, each spread over `2 * width` lanes; halve every sum's lanes.
+            groups = len(left_ids)
+            low, high = [], []
+            for source in range(2):
+                for group in range(groups):
+                    base = source * _LANES + group * 2 * width
+                    low += range(base, base + width)
+                    high += range(base + width, base + 2 * width)
+            folded.append((builder.fadd(builder.shuffle_vector(left, right, _shuffle_mask(low)),
+                                        builder.shuffle_vector(left, right, _shuffle_mask(high))),
+                           left_ids + right_ids))
+        level = folded
+    vector, ids = level[0]
+    return builder.shuffle_vector(vector, vector, _shuffle_mask([ids.index(j) for j in range(_LANES)]))
+
+
+def _horizontal(builder: ir.IRBuilder, vector: ir.Value, combine) -> ir.Value:
+    """Lane 0 of a fixed tree over the 16 lanes (lane i with lane i + 8, then i + 4, ...)."""
+    width = _LANES
+    while width > 1:
+        width //= 2
+        vector = combine(vector, builder.shuffle_vector(vector, vector, _shuffle_mask(
+            list(range(width, 2 * width)) + list(range(width, _LANES)))))
+    return builder.extract_element(vector, ir.Constant(_I32, 0))
+
+
+def _element_pointer(context, builder: ir.IRBuilder, array_type, array_value, indices: list[ir.Value]) -> ir.Value:
+    """float* to array[indices..., 0] of a float32 array, through its strides."""
+    array = context.make_array(array_type)(context, builder, array_value)
+    offset = ir.Constant(_I64, 0)
+    for axis, index in enumerate(indices):
+        offset = builder.add(offset, builder.mul(index, builder.extract_value(array.strides, axis)))
+    data = builder.bitcast(array.data, ir.IntType(8).as_pointer())
+    return builder.bitcast(builder.gep(data, [offset]), _F32.as_pointer())
+
+
+def _load_vector(builder: ir.IRBuilder, pointer: ir.Value, element: ir.Value) -> ir.Value:
+    return builder.load(builder.bitcast(builder.gep(pointer, [element]), _VF.as_pointer()), align=4)
+
+
+@intrinsic
+def _fold_block(typingctx, q, row, head, keys, values, num_visible, acc, query, best, total):
+    """Folds keys/values[:num_visible] (each (n, head_dim) float32, C-contiguous) into the online softmax of query
+    vector q[row, head] ((num_tokens, num_heads, head_dim) float32): acc[query] ((num_queries, head_dim) float32,
+    updated in place) holds its weighted values, best and total the running max score and sum of
+    exp(score - best) -> (best, total). Which keys a query sees in a block is fixed by positions, so the chunks, and
+    the bits, are the same in every kernel and batch. head_dim is a multiple of 16 (KVLayout checks it)."""
+    signature = types.UniTuple(types.float32, 2)(q, row, head, keys, values, num_visible, acc, query, best, total)
+
+    def codegen(context, builder, sig, args):
+        q_type, row_type, head_type, keys_type, values_type, visible_type, acc_type, query_type = sig.args[:8]
+        q_value, row_value, head_value, keys_value, values_value, visible_value, acc_value, query_value = args[:8]
+        best, total = args[8], args[9]
+        as_i64 = [context.cast(builder, value, value_type, types.int64) for value, value_type in
+                  ((row_value, row_type), (head_value, head_type), (visible_value, visible_type),
+                   (query_value, query_type))]
+        row, head, num_visible, query = as_i64
+        keys_array = context.make_array(keys_type)(context, builder, keys_value)
+        head_dim = builder.extract_value(keys_array.shape, 1)
+        num_vectors = builder.udiv(head_dim, ir.Constant(_I64, _LANES))
+        query_ptr = _element_pointer(context, builder, q_type, q_value, [row, head])
+        acc_ptr = _element_pointer(context, builder, acc_type, acc_value, [query])
+        key_ptr = _element_pointer(context, builder, keys_type, keys_value, [])
+        value_ptr = _element_pointer(context, builder, values_type, values_value, [])
+        best_cell = cgutils.alloca_once_value(builder, best)
+        total_cell = cgutils.alloca_once_value(builder, total)
+        lane_ids = ir.Constant(_VI, [ir.Constant(_I32, j) for j in range(_LANES)])
+        num_chunks = builder.udiv(builder.add(num_visible, ir.Constant(_I64, _LANES - 1)), ir.Constant(_I64, _LANES))
+        with cgutils.for_range(builder, num_chunks) as chunk_loop:
+            first = builder.mul(chunk_loop.index, ir.Constant(_I64, _LANES))
+            in_chunk = builder.sub(num_visible, first)
+            in_chunk = builder.select(builder.icmp_signed("<", in_chunk, ir.Constant(_I64, _LANES)), in_chunk,
+                                      ir.Constant(_I64, _LANES))
+            # Lanes past the visible keys read the last visible row (in bounds) and are masked out below.
+            last = builder.sub(in_chunk, ir.Constant(_I64, 1))
+            rows = [builder.add(first, builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), in_chunk),
+                                                      ir.Constant(_I64, j), last))
+                    for j in range(_LANES)]
+            row_offsets = [builder.mul(key_row, head_dim) for key_row in rows]
+            # Scores: key j's dot with the query, one fused multiply-add chain per key over the head dimension.
+            dot_cells = [cgutils.alloca_once_value(builder, _splat_float(0.0)) for _ in range(_LANES)]
+            with cgutils.for_range(builder, num_vectors) as dim_loop:
+                dim = builder.mul(dim_loop.index, ir.Constant(_I64, _LANES))
+                query_vector = _load_vector(builder, query_ptr, dim)
+                for cell, offset in zip(dot_cells, row_offsets, strict=True):
+                    key_vector = _load_vector(builder, key_ptr, builder.add(offset, dim))
+                    builder.store(_fma(builder, query_vector, key_vector, builder.load(cell)), cell)
+            scores = _lane_sums(builder, [builder.load(cell) for cell in dot_cells])
+            visible = builder.icmp_signed("<", lane_ids, _broadcast(builder, builder.trunc(in_chunk, _I32), _VI))
+            scores = builder.select(visible, scores, _splat_float(-math.inf))
+            old_best = builder.load(best_cell)
+            chunk_best = _horizontal(builder, scores, lambda a, b: builder.select(
+                builder.fcmp_ordered(">", a, b), a, b))
+            new_best = builder.select(builder.fcmp_ordered(">", chunk_best, old_best), chunk_best, old_best)
+            new_best_vector = _broadcast(builder, new_best, _VF)
+            old_best_vector = _broadcast(builder, old_best, _VF)
+            # exp(old best - new best) is exactly 1 when the best did not change, 0 on the first chunk
+            correction = _vector_exp(builder, builder.fsub(old_best_vector, new_best_vector))
+            weights = _vector_exp(builder, builder.fsub(scores, new_best_vector))
+            weight_sum = _horizontal(builder, weights, builder.fadd)
+            builder.store(builder.fadd(builder.fmul(builder.load(total_cell),
+                                                    builder.extract_element(correction, ir.Constant(_I32, 0))),
+                                       weight_sum), total_cell)
+            builder.store(new_best, best_cell)
+            splats = [builder.shuffle_vector(weights, weights, ir.Constant(_VI, [ir.Constant(_I32, j)] * _LANES))
+                      for j in range(_LANES)]
+            with cgutils.for_range(builder, num_vectors) as dim_loop:
+                dim = builder.mul(dim_loop.index, ir.Constant(_I64, _LANES))
+                acc_vector = builder.fmul(_load_vector(builder, acc_ptr, dim), correction)
+                for weight, offset in zip(splats, row_offsets, strict=True):
+                    value_vector = _load_vector(builder, value_ptr, builder.add(offset, dim))
+                    acc_vector = _fma(builder, weight, value_vector, acc_vector)
+                builder.store(acc_vector, builder.bitcast(builder.gep(acc_ptr, [dim]), _VF.as_pointer()), align=4)
+        return context.make_tuple(builder, sig.return_type, [builder.load(best_cell), builder.load(total_cell)])
+
+    return signature, codegen
 
 
 @njit(cache=True, nogil=True)
@@ -337,7 +444,6 @@ def _attend_rows(q, exact, pool, window, layout, table, positions, slot, chunk_f
     most = max(layout.block_size, layout.sink_tokens)
     keys = np.empty((most, head_dim), dtype=np.float32)  # (most, head_dim) float32, one block's decoded keys
     values = np.empty((most, head_dim), dtype=np.float32)  # (most, head_dim) float32
-    scores = np.empty(most, dtype=np.float32)  # (most,) float32, then the weights exp(score - best)
     acc = np.zeros((num_queries, head_dim), dtype=np.float32)  # (num_queries, head_dim) float32, sum p * v
     best = np.full(num_queries, -np.inf, dtype=np.float32)  # (num_queries,) float32, running max score
     total = np.zeros(num_queries, dtype=np.float32)  # (num_queries,) float32, running sum of exp(score - best)
@@ -369,7 +475,7 @@ def _attend_rows(q, exact, pool, window, layout, table, positions, slot, chunk_f
             for member in range(group):
                 head = kv_head * group + member
                 query = (row - first_row) * group + member
-                best[query], total[query] = _fold_block(q[row, head], keys, values, num_visible, scores, acc[query],
+                best[query], total[query] = _fold_block(q, row, head, keys, values, num_visible, acc, query,
                                                         best[query], total[query])
         logical += 1
     for row in range(first_row, end_row):
