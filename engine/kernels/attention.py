@@ -408,19 +408,19 @@ def _fold_block(typingctx, q, row, head, keys, values, num_visible, acc, query, 
 def _load_exact(exact, window, slot, which, kv_head, first_position, chunk_start, chunk_first_row, window_from,
                 out):  # pragma: no cover - jitted
     """Keys (which=0) or values (1) of positions first_position.. as the exact window holds them, into out:
-    (n, head_dim) float32: this batch's tokens from `exact`, earlier ones from the sequence's window buffer."""
+    (n, head_dim) float32: this batch's tokens from `exact`, earlier ones from the sequence's window buffer.
+    Full indices rather than row slices: a slice per record costs two reference-count updates, more than its copy."""
     head_dim = out.shape[1]
     for j in range(out.shape[0]):
         position = first_position + j
-        row = out[j]
         if position >= chunk_start:
-            source = exact[chunk_first_row + position - chunk_start, which, kv_head]
+            source = chunk_first_row + position - chunk_start
             for d in range(head_dim):
-                row[d] = source[d]
+                out[j, d] = exact[source, which, kv_head, d]
         else:
-            halves = window[slot, which, position - window_from, kv_head]
+            offset = position - window_from
             for d in range(head_dim):
-                row[d] = _half_value(halves[d])
+                out[j, d] = _half_value(window[slot, which, offset, kv_head, d])
 
 
 @njit(cache=True, nogil=True)
