@@ -44,7 +44,7 @@ def gated_activation(gate_up: np.ndarray, relu2: bool) -> np.ndarray:
     if gate_up.dtype != np.float32 or gate_up.ndim != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be (T, 2F) float32, got {gate_up.shape} {gate_up.dtype}")
     out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
-    _gated_activation(gate_up, relu2, out)
+    (_gated_activation if gate_up.shape[0] > 1 else _gated_activation_serial)(gate_up, relu2, out)
     return out
 
 
@@ -128,14 +128,25 @@ def _apply_rope(x, positions, cos, sin):  # pragma: no cover - jitted
                 x[t, h, j + half] = second * cos[position, j] + first * sin[position, j]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _gate_row(gate_up, relu2, out, t):  # pragma: no cover - jitted
+    width = out.shape[1]
+    for f in range(width):
+        gate = gate_up[t, f]
+        if relu2:
+            active = max(gate, np.float32(0.0))
+            out[t, f] = active * active * gate_up[t, width + f]
+        else:
+            out[t, f] = gate / (np.float32(1.0) + np.exp(-gate)) * gate_up[t, width + f]
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _gated_activation(gate_up, relu2, out):  # pragma: no cover - jitted
-    width = out.shape[1]
     for t in prange(gate_up.shape[0]):
-        for f in range(width):
-            gate = gate_up[t, f]
-            if relu2:
-                active = max(gate, np.float32(0.0))
-                out[t, f] = active * active * gate_up[t, width + f]
-            else:
-                out[t, f] = gate / (np.float32(1.0) + np.exp(-gate)) * gate_up[t, width + f]
+        _gate_row(gate_up, relu2, out, t)
+
+
+@njit(cache=True, nogil=True)
+def _gated_activation_serial(gate_up, relu2, out):  # pragma: no cover - jitted
+    for t in range(gate_up.shape[0]):
+        _gate_row(gate_up, relu2, out, t)
