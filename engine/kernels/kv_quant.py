@@ -18,6 +18,7 @@ from numba.extending import intrinsic
 # (head_dim 64: 24 code bytes + 2 scales x 2 bytes = 28 bytes, against 128).
 GROUP_SIZE = 32
 HALF_MAX = 65504.0  # largest finite IEEE half; fp16 records clamp to it rather than store infinities
+_PARALLEL_MIN_VALUES = 16384  # fewer values than this are rotated on the calling thread alone
 
 
 class KVFormat(enum.IntEnum):
@@ -113,7 +114,8 @@ def write_kv(k: np.ndarray, v: np.ndarray, pool: np.ndarray, layout: KVLayout, b
         raise ValueError("pool must be one layer's C-contiguous (num_blocks, block_bytes) uint8 blocks")
     _check_int32(block_tables=block_tables, seq_index=seq_index, positions=positions)
     exact = np.empty((shape[0] if layout.window_blocks else 0, 2, *shape[1:]), dtype=np.float32)  # see -> above
-    _write_kv(k, v, pool, layout, block_tables, seq_index, positions, exact)
+    # One token (single-sequence decode) runs without a parallel region, whose start and join cost more than it.
+    (_write_kv if shape[0] > 1 else _write_kv_serial)(k, v, pool, layout, block_tables, seq_index, positions, exact)
     return exact
 
 
@@ -188,7 +190,8 @@ def hadamard_rows(x: np.ndarray) -> np.ndarray:
     if x.dtype != np.float32 or x.shape[-1] & (x.shape[-1] - 1):
         raise ValueError(f"expected float32 rows of a power-of-two length, got {x.dtype} {x.shape}")
     out = np.array(x, dtype=np.float32, order="C")  # same shape as x, transformed in place below
-    _hadamard_rows(out.reshape(-1, x.shape[-1]))
+    # A decode step's queries are a few rows: the parallel region's start and join would cost more than the rows.
+    (_hadamard_rows if out.size >= _PARALLEL_MIN_VALUES else _hadamard_rows_serial)(out.reshape(-1, x.shape[-1]))
     return out
 
 
@@ -268,6 +271,12 @@ def _hadamard_rows(x):  # pragma: no cover - jitted
 
 
 @njit(cache=True, nogil=True)
+def _hadamard_rows_serial(x):  # pragma: no cover - jitted
+    for row in range(x.shape[0]):
+        _hadamard_in_place(x[row])
+
+
+@njit(cache=True, nogil=True)
 def _quantize_record(row, fmt, group_size, codes, out):  # pragma: no cover - jitted
     """row: (head_dim,) float32 -> out: (record_bytes,) uint8 in format `fmt`; codes: (head_dim,) uint8 scratch."""
     head_dim = row.shape[0]
@@ -341,36 +350,47 @@ def _quantize_rows(x, fmt, group_size, rotate, out):  # pragma: no cover - jitte
         _quantize_record(prepared, fmt, group_size, codes, out[row])
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _write_kv(k, v, pool, layout, block_tables, seq_index, positions, exact):  # pragma: no cover - jitted
+@njit(cache=True, nogil=True, inline="always")
+def _write_token(k, v, pool, layout, block_tables, seq_index, positions, exact, t):  # pragma: no cover - jitted
+    """Token t's records and exact rows: its own bytes, so tokens never write the same ones."""
     num_kv_heads = layout.num_kv_heads
     sinks = layout.sink_tokens
-    # One token per iteration: its records and exact rows are its own, so iterations never write the same bytes.
+    position = positions[t]
+    if position < sinks:
+        logical, slot, num_slots = 0, position, sinks
+        fmt, size = KVFormat.INT8, layout.sink_record_bytes
+    else:
+        rest = position - sinks
+        logical = (1 if sinks > 0 else 0) + rest // layout.block_size
+        slot, num_slots = rest % layout.block_size, layout.block_size
+        fmt, size = layout.format, layout.record_bytes
+    block = pool[block_tables[seq_index[t], logical]]
+    prepared = np.empty(layout.head_dim, dtype=np.float32)  # (head_dim,) float32, the (rotated) row
+    codes = np.empty(layout.head_dim, dtype=np.uint8)  # (head_dim,) uint8
+    for h in range(num_kv_heads):
+        k_offset = (slot * num_kv_heads + h) * size
+        v_offset = k_offset + num_slots * num_kv_heads * size
+        for which in range(2):
+            _prepare_row(k[t, h] if which == 0 else v[t, h], layout.rotate, prepared)
+            offset = k_offset if which == 0 else v_offset
+            _quantize_record(prepared, fmt, layout.group_size, codes, block[offset:offset + size])
+            if layout.window_blocks > 0:
+                row = exact[t, which, h]
+                for d in range(layout.head_dim):
+                    row[d] = _half_value(_half_bits(min(max(prepared[d], np.float32(-HALF_MAX)),
+                                                        np.float32(HALF_MAX))))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _write_kv(k, v, pool, layout, block_tables, seq_index, positions, exact):  # pragma: no cover - jitted
     for t in prange(positions.shape[0]):
-        position = positions[t]
-        if position < sinks:
-            logical, slot, num_slots = 0, position, sinks
-            fmt, size = KVFormat.INT8, layout.sink_record_bytes
-        else:
-            rest = position - sinks
-            logical = (1 if sinks > 0 else 0) + rest // layout.block_size
-            slot, num_slots = rest % layout.block_size, layout.block_size
-            fmt, size = layout.format, layout.record_bytes
-        block = pool[block_tables[seq_index[t], logical]]
-        prepared = np.empty(layout.head_dim, dtype=np.float32)  # (head_dim,) float32, the (rotated) row
-        codes = np.empty(layout.head_dim, dtype=np.uint8)  # (head_dim,) uint8
-        for h in range(num_kv_heads):
-            k_offset = (slot * num_kv_heads + h) * size
-            v_offset = k_offset + num_slots * num_kv_heads * size
-            for which in range(2):
-                _prepare_row(k[t, h] if which == 0 else v[t, h], layout.rotate, prepared)
-                offset = k_offset if which == 0 else v_offset
-                _quantize_record(prepared, fmt, layout.group_size, codes, block[offset:offset + size])
-                if layout.window_blocks > 0:
-                    row = exact[t, which, h]
-                    for d in range(layout.head_dim):
-                        row[d] = _half_value(_half_bits(min(max(prepared[d], np.float32(-HALF_MAX)),
-                                                            np.float32(HALF_MAX))))
+        _write_token(k, v, pool, layout, block_tables, seq_index, positions, exact, t)
+
+
+@njit(cache=True, nogil=True)
+def _write_kv_serial(k, v, pool, layout, block_tables, seq_index, positions, exact):  # pragma: no cover - jitted
+    for t in range(positions.shape[0]):
+        _write_token(k, v, pool, layout, block_tables, seq_index, positions, exact, t)
 
 
 @njit(cache=True, nogil=True)
