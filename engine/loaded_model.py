@@ -14,6 +14,7 @@ from engine.config import DEFAULT_KV_CACHE_DTYPE, KVCacheDType
 from engine.kv_cache import KVCache
 from engine.linear.a4_8 import ActivationMode, with_activation_mode
 from engine.linear.fuse import fuse_projections
+from engine.linear.ternary import with_tl2_decode
 from engine.model import ForwardBatch, Transformer
 from engine.tokenizer import Tokenizer
 from engine.weights import ModelWeights
@@ -23,8 +24,9 @@ class LoadedModel:
     def __init__(self, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path | None = None,
                  kv_cache_dtype: KVCacheDType = DEFAULT_KV_CACHE_DTYPE, activations: ActivationMode = "a8") -> None:
         # q|k|v and gate|up fused where their layouts allow; the separate matrices become views of the fused ones.
-        # Then the activation mode's input handling (engine/linear/a4_8.py) goes around them.
-        self.weights = with_activation_mode(fuse_projections(weights), activations)
+        # Ternary matrices also get the TL2 layout that decode reads. Then the activation mode's input handling
+        # (engine/linear/a4_8.py) goes around them.
+        self.weights = with_activation_mode(with_tl2_decode(fuse_projections(weights)), activations)
         self.activations = activations
         self.kv_cache_dtype = kv_cache_dtype  # what generate() stores keys and values as, like the served engine
         self.args = weights.args

@@ -456,3 +456,33 @@ def test_tl2_kernel_uses_vpermw() -> None:
     indices, signs = tk.pack_ternary_tl2(np.zeros((1, 3), np.int8))
     twin(tk.build_tl2_tables(np.zeros((1, 3), np.int8), 3), indices, signs, 1)
     assert "vpermw" in twin.inspect_asm(twin.signatures[0])
+
+
+@pytest.mark.parametrize(("num_rows", "in_features"), [(1, 1), (1, 5), (33, 12), (65, 300), (31, 1000)])
+def test_tl2_pack_from_codes_equals_pack_from_int8(num_rows: int, in_features: int) -> None:
+    ternary = random_ternary(np.random.default_rng(in_features + 7), num_rows, in_features)
+    from_codes = tk.pack_tl2_from_codes(tk.pack_ternary(ternary), in_features)
+    for got, expected in zip(from_codes, tk.pack_ternary_tl2(ternary), strict=True):
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == expected.dtype
+
+
+def test_ternary_linear_decodes_through_tl2_with_the_same_bits() -> None:
+    """A layer that keeps the TL2 layout reads it for single tokens and its rows for batches; both are exact, so
+    every token's output is the same as without it, alone or in a batch."""
+    rng = np.random.default_rng(10)
+    ternary = random_ternary(rng, 70, 333)
+    x = rng.standard_normal((9, 333)).astype(np.float32)
+    for scales in ({"weight_scale": 0.05}, {"row_scales": rng.uniform(0.01, 0.1, 70).astype(np.float32)}):
+        plain = TernaryLinear(tk.pack_ternary(ternary), 333, **scales)
+        with_tl2 = TernaryLinear(tk.pack_ternary(ternary), 333, **scales)
+        with_tl2.keep_tl2()
+        np.testing.assert_array_equal(with_tl2(x), plain(x))
+        for token in range(9):
+            np.testing.assert_array_equal(with_tl2(x[token : token + 1]), plain(x[token : token + 1]))
+        tl2_bytes = sum(array.nbytes for array in with_tl2.tl2)
+        assert with_tl2.num_bytes == plain.num_bytes + tl2_bytes
+        assert with_tl2.bytes_read_per_token == plain.bytes_read_per_token - plain.codes.nbytes + tl2_bytes
+    block_scaled = TernaryLinear.from_ternary(ternary, block_scales=np.ones((70, 2), np.float32))
+    with pytest.raises(ValueError, match="TL2"):
+        block_scaled.keep_tl2()

@@ -709,6 +709,47 @@ def pack_ternary_tl2(ternary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(indices), np.ascontiguousarray(signs)
 
 
+def pack_tl2_from_codes(codes: np.ndarray, in_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """pack_ternary_tl2(unpack_ternary(codes, in_features)) without the int8 and int64 copies of the matrix:
+    codes (N, padded_k // 4) uint8 from pack_ternary -> the same (indices, signs)."""
+    if codes.ndim != 2 or codes.dtype != np.uint8 or codes.shape[1] % BLOCK_BYTES or not codes.flags.c_contiguous:
+        raise ValueError(f"pack_tl2_from_codes: expected C-contiguous (N, multiple of 64) uint8, got {codes.shape} "
+                         f"{codes.dtype}")
+    if not 0 < in_features <= codes.shape[1] * 4:
+        raise ValueError(f"pack_tl2_from_codes: in_features={in_features} does not fit {codes.shape[1] * 4} weights")
+    return _pack_tl2_from_codes(codes, in_features, tl2_num_groups(in_features))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _pack_tl2_from_codes(codes: np.ndarray, in_features: int, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    num_rows = codes.shape[0]
+    num_tiles = (num_rows + TL2_TILE_ROWS - 1) // TL2_TILE_ROWS
+    indices = np.empty((num_tiles, num_groups // 4, TL2_TILE_ROWS), dtype=np.uint16)  # see pack_ternary_tl2
+    signs = np.zeros((num_tiles, num_groups), dtype=np.uint32)  # (num_tiles, num_groups) uint32
+    for tile in prange(num_tiles):  # each tile writes only its own indices and sign words
+        for r in range(TL2_TILE_ROWS):
+            row = tile * TL2_TILE_ROWS + r
+            for quad in range(num_groups // 4):
+                word = np.uint16(0)
+                for nibble in range(4):
+                    group = 4 * quad + nibble
+                    pattern = 0
+                    for i in range(3):
+                        k = 3 * group + i
+                        weight = 0  # padding rows and columns are zero weights
+                        if row < num_rows and k < in_features:
+                            block, j = k // BLOCK_WEIGHTS, k % BLOCK_WEIGHTS
+                            weight = ((codes[row, block * BLOCK_BYTES + j % BLOCK_BYTES] >> (2 * (j // BLOCK_BYTES)))
+                                      & 3) - 1
+                        pattern = 3 * pattern + weight + 1
+                    if pattern > 13:
+                        signs[tile, group] |= np.uint32(1) << np.uint32(r)
+                        pattern = 26 - pattern
+                    word |= np.uint16(pattern) << np.uint16(4 * nibble)
+                indices[tile, quad, r] = word
+    return indices, signs
+
+
 def unpack_ternary_tl2(indices: np.ndarray, signs: np.ndarray, num_rows: int, in_features: int) -> np.ndarray:
     """Inverse of pack_ternary_tl2 -> (num_rows, in_features) int8 (reference and tests)."""
     shifts = np.array([0, 4, 8, 12], dtype=np.uint16).reshape(1, 1, 4, 1)

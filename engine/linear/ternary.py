@@ -8,14 +8,18 @@ import numpy as np
 
 from engine.kernels.ternary import (
     BLOCK_WEIGHTS,
+    build_tl2_tables,
     matmul_ternary,
     matmul_ternary_blockscaled,
+    matmul_ternary_tl2,
     pack_ternary,
+    pack_tl2_from_codes,
     padded_in_features,
     quantize_activations,
     unpack_ternary,
 )
 from engine.kernels.ternary_sparse import matmul_ternary_sparse, pack_sign_masks
+from engine.weights import ModelWeights
 
 # A single token's product skips zero input columns (sign-mask layout, engine/kernels/ternary_sparse.py) when at least
 # this fraction of its activations is zero. Measured on 2560x6912 with weights in DRAM, 2 threads: the skipping kernel
@@ -57,12 +61,23 @@ class TernaryLinear:
         # (ceil(out_features / 256), in_features, 64) uint8 sign masks, or None: a second copy of the weights laid out
         # so a zero activation skips its column's bytes (keep_sign_masks); the row layout above still serves batches.
         self.sign_masks: np.ndarray | None = None
+        # (indices (ceil(out_features / 32), groups / 4, 32) uint16, signs (ceil(out_features / 32), groups) uint32),
+        # or None: the weights also in TL2 lookup-table form at 1.67 bits each (keep_tl2), read by single tokens.
+        self.tl2: tuple[np.ndarray, np.ndarray] | None = None
 
     def keep_sign_masks(self) -> None:
         """Also hold the weights as sign masks, so single tokens whose input is mostly zeros skip those columns."""
         if self.block_scales is not None:
             raise ValueError("TernaryLinear: zero-column skipping needs a per-tensor or per-row scale")
         self.sign_masks = pack_sign_masks(unpack_ternary(self.codes, self.in_features))
+
+    def keep_tl2(self) -> None:
+        """Also hold the weights in TL2 form, which single tokens (decode) read instead of the 2-bit rows: a sixth
+        fewer bytes from memory. Batches keep the 2-bit row kernels, which are faster from two tokens on
+        (bench/kernels.py). Both give exact integer sums, so the bits do not depend on which one ran."""
+        if self.block_scales is not None:
+            raise ValueError("TernaryLinear: the TL2 layout needs a per-tensor or per-row scale")
+        self.tl2 = pack_tl2_from_codes(self.codes, self.in_features)
 
     @classmethod
     def from_ternary(cls, ternary: np.ndarray, weight_scale: float | None = None,
@@ -98,10 +113,13 @@ class TernaryLinear:
         return y
 
     def _int_sums(self, xq: np.ndarray, act_sum: np.ndarray) -> np.ndarray:
-        """Σ T·q (T, N) int32 by the row kernels, or by skipping zero columns when that is faster (the same sums)."""
+        """Σ T·q (T, N) int32 by the row kernels, or for a single token by skipping zero columns or by TL2 lookups
+        when those are kept (the same sums)."""
         if self.sign_masks is not None and len(xq) == 1 and \
                 np.count_nonzero(xq[0, :self.in_features]) <= (1.0 - SKIP_MIN_ZERO_FRACTION) * self.in_features:
             return matmul_ternary_sparse(xq, self.sign_masks, self.out_features)
+        if self.tl2 is not None and len(xq) == 1:
+            return matmul_ternary_tl2(build_tl2_tables(xq, self.in_features), *self.tl2, self.out_features)
         return matmul_ternary(xq, act_sum, self.codes)
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
@@ -124,11 +142,33 @@ class TernaryLinear:
 
     @property
     def num_bytes(self) -> int:
-        """Bytes held: codes (2 bits per weight, padded to 256 per row), 4 bytes per scale, sign masks if kept."""
-        return self.bytes_read_per_token + (0 if self.sign_masks is None else self.sign_masks.nbytes)
+        """Bytes held: codes (2 bits per weight, padded to 256 per row), 4 bytes per scale, sign masks and the TL2
+        layout if kept."""
+        extra = [] if self.sign_masks is None else [self.sign_masks]
+        extra += [] if self.tl2 is None else list(self.tl2)
+        return self.codes.nbytes + self._scale_bytes + sum(array.nbytes for array in extra)
 
     @property
     def bytes_read_per_token(self) -> int:
-        """Bytes one token reads through the row kernels: codes plus scales (fewer when zero columns are skipped)."""
+        """Bytes one token reads: the TL2 layout if kept, else the codes; plus scales (fewer when zero columns are
+        skipped)."""
+        layout_bytes = self.codes.nbytes if self.tl2 is None else sum(array.nbytes for array in self.tl2)
+        return layout_bytes + self._scale_bytes
+
+    @property
+    def _scale_bytes(self) -> int:
         scales = next(scale for scale in (self.row_scales, self.block_scales, self.weight_scale) if scale is not None)
-        return self.codes.nbytes + np.asarray(scales).nbytes
+        return np.asarray(scales).nbytes
+
+
+def with_tl2_decode(weights: ModelWeights) -> ModelWeights:
+    """Give every ternary matrix that a layer's forward pass calls (the fused q|k|v and gate|up where present) its
+    TL2 layout, in place, so single-token decode reads 1.67 bits per weight; block-scaled (GGUF TQ) matrices keep
+    only their rows. Returns the same weights."""
+    for layer in weights.layers:
+        projections = [layer.qkv_proj] if layer.qkv_proj is not None else [layer.q_proj, layer.k_proj, layer.v_proj]
+        projections += [layer.gate_up_proj] if layer.gate_up_proj is not None else [layer.gate_proj, layer.up_proj]
+        for linear in [*projections, layer.o_proj, layer.down_proj]:
+            if isinstance(linear, TernaryLinear) and linear.block_scales is None and linear.tl2 is None:
+                linear.keep_tl2()
+    return weights
