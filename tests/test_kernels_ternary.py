@@ -486,3 +486,17 @@ def test_ternary_linear_decodes_through_tl2_with_the_same_bits() -> None:
     block_scaled = TernaryLinear.from_ternary(ternary, block_scales=np.ones((70, 2), np.float32))
     with pytest.raises(ValueError, match="TL2"):
         block_scaled.keep_tl2()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_matmul_ternary_tl2_xq_builds_tables_in_the_same_call(path: str) -> None:
+    rng = np.random.default_rng(11)
+    ternary = random_ternary(rng, 45, 301)
+    indices, signs = tk.pack_ternary_tl2(ternary)
+    xq, _ = random_xq(rng, 3, 301)
+    kernel = {"portable": tk._matmul_ternary_tl2_xq_portable, "avx512_vnni": tk._matmul_ternary_tl2_xq_avx512}[path]
+    np.testing.assert_array_equal(kernel(xq, 301, indices, signs, 45), reference_int_sums(xq, ternary))
+    np.testing.assert_array_equal(tk.matmul_ternary_tl2_xq(xq, 301, indices, signs, 45),
+                                  reference_int_sums(xq, ternary))
+    with pytest.raises(ValueError, match="pack_ternary_tl2"):
+        tk.matmul_ternary_tl2_xq(xq, 301, indices, signs, 70)

@@ -564,6 +564,24 @@ def _matmul_ternary_tl2_portable(tables: np.ndarray, indices: np.ndarray, signs:
     return out
 
 
+# Tables and lookups in one call from the quantized activations: what a layer does per token, without a second
+# dispatch and a second set of Python checks.
+
+
+@njit(cache=True, nogil=True)
+def _matmul_ternary_tl2_xq_avx512(xq: np.ndarray, in_features: int, indices: np.ndarray, signs: np.ndarray,
+                                  num_rows: int) -> np.ndarray:
+    tables = _build_tl2_tables(xq, in_features, signs.shape[1])
+    return _matmul_ternary_tl2_avx512(tables, indices, signs, num_rows)
+
+
+@njit(cache=True, nogil=True)
+def _matmul_ternary_tl2_xq_portable(xq: np.ndarray, in_features: int, indices: np.ndarray, signs: np.ndarray,
+                                    num_rows: int) -> np.ndarray:
+    tables = _build_tl2_tables(xq, in_features, signs.shape[1])
+    return _matmul_ternary_tl2_portable(tables, indices, signs, num_rows)
+
+
 @njit(cache=True, nogil=True)
 def _quantize_activations(x: np.ndarray, padded_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num_tokens, in_features = x.shape
@@ -786,6 +804,23 @@ def matmul_ternary_tl2(tables: np.ndarray, indices: np.ndarray, signs: np.ndarra
     return _MATMUL_TERNARY_TL2(tables, indices, signs, num_rows)
 
 
+def matmul_ternary_tl2_xq(xq: np.ndarray, in_features: int, indices: np.ndarray, signs: np.ndarray,
+                          num_rows: int) -> np.ndarray:
+    """matmul_ternary_tl2(build_tl2_tables(xq, in_features), indices, signs, num_rows) in one call: xq (T, >=
+    in_features) int8, C-contiguous; indices and signs from pack_ternary_tl2 -> (T, num_rows) int32, the same sums."""
+    if xq.ndim != 2 or xq.dtype != np.int8 or not xq.flags.c_contiguous or xq.shape[1] < in_features:
+        raise ValueError(f"matmul_ternary_tl2_xq: xq must be C-contiguous (T, >= {in_features}) int8, got "
+                         f"{xq.shape} {xq.dtype}")
+    num_groups = tl2_num_groups(in_features)
+    if indices.dtype != np.uint16 or indices.shape != (-(-num_rows // TL2_TILE_ROWS), num_groups // 4, TL2_TILE_ROWS) \
+            or signs.dtype != np.uint32 or signs.shape != (indices.shape[0], num_groups) \
+            or not (indices.flags.c_contiguous and signs.flags.c_contiguous):
+        raise ValueError(f"matmul_ternary_tl2_xq: indices and signs do not hold {num_rows} rows of {in_features} "
+                         f"weights packed by pack_ternary_tl2: got {indices.shape} {indices.dtype}, {signs.shape} "
+                         f"{signs.dtype}")
+    return _MATMUL_TERNARY_TL2_XQ(xq, in_features, indices, signs, num_rows)
+
+
 def _select_kernel_path() -> str:
     """'avx512_vnni' when the CPU and JIT target allow it, unless BITSERVE_KERNELS=portable forces the fallback.
 
@@ -801,6 +836,9 @@ def _select_kernel_path() -> str:
 
 KERNEL_PATH = _select_kernel_path()
 _MATMUL_TERNARY_TL2 = _matmul_ternary_tl2_avx512 if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_tl2_portable
+_MATMUL_TERNARY_TL2_XQ = (
+    _matmul_ternary_tl2_xq_avx512 if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_tl2_xq_portable
+)
 _MATMUL_TERNARY = _matmul_ternary_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_portable
 _MATMUL_TERNARY_BLOCKSCALED = (
     _matmul_ternary_blockscaled_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_blockscaled_portable

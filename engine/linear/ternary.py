@@ -8,10 +8,9 @@ import numpy as np
 
 from engine.kernels.ternary import (
     BLOCK_WEIGHTS,
-    build_tl2_tables,
     matmul_ternary,
     matmul_ternary_blockscaled,
-    matmul_ternary_tl2,
+    matmul_ternary_tl2_xq,
     pack_ternary,
     pack_tl2_from_codes,
     padded_in_features,
@@ -119,7 +118,7 @@ class TernaryLinear:
                 np.count_nonzero(xq[0, :self.in_features]) <= (1.0 - SKIP_MIN_ZERO_FRACTION) * self.in_features:
             return matmul_ternary_sparse(xq, self.sign_masks, self.out_features)
         if self.tl2 is not None and len(xq) == 1:
-            return matmul_ternary_tl2(build_tl2_tables(xq, self.in_features), *self.tl2, self.out_features)
+            return matmul_ternary_tl2_xq(xq, self.in_features, *self.tl2, self.out_features)
         return matmul_ternary(xq, act_sum, self.codes)
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
