@@ -542,8 +542,8 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
     # needs one vector per weight vector, for the fold below.
     loads_per_chain = 2 if kernel_order else 1
     # Rows outside, tokens inside: only one row's unpacked weights are live at a time, and each activation vector is
-    # loaded where a byte dot uses it (a memory operand of vpdpbusd). Holding every token's activations for all rows
-    # needed more than the 32 vector registers, and the spills cost more than reloading from L1.
+    # loaded where a byte dot uses it. Holding every token's activations for all rows needed more than the 32 vector
+    # registers, and the spills cost more than reloading from L1.
     for rows, row_lanes in zip(weight_rows, lanes, strict=True):
         unsigned_weights = []  # [load]: the unsigned operands, Q4 (low nibbles, high nibbles), Q8 (w + 128,)
         for load in range(num_active_loads):
@@ -632,7 +632,7 @@ def _emit_tile_dot(context, builder: ir.IRBuilder, sig, args, fmt: int, vnni: bo
     lanes = [[cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None)) for _ in token_rows] for _ in weight_rows]
     # Streaming weights from DRAM, the hardware prefetcher alone leaves half the bandwidth unused: the tile that
     # starts at token 0 (every row tile has one) prefetches the next row tile's bytes as it reads its own. Measured
-    # on a 128256 x 2560 head at 1 token: Q8_0 29 -> 56 GB/s, Q4_0 27 -> 48 GB/s (two or six tiles ahead: 33-38).
+    # on a 128256 x 2560 head at 1 token: Q8_0 29 -> 56 GB/s, Q4_0 27 -> 48 GB/s (two or four tiles ahead: 33-38).
     first_token = context.cast(builder, builder.extract_value(args[8], 0), sig.args[8].dtype, types.int64)
     prefetch = {"wanted": builder.icmp_signed("==", first_token, _const(0))}
     for name, position in (("wq", 0), ("wd", 1)):
