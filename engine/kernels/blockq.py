@@ -741,18 +741,6 @@ def _pad_activations(
 
 
 @njit(cache=True, nogil=True)
-def _tile_dot_vnni(
-    wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, rows: tuple, xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray,
-    xs: np.ndarray, tokens: tuple, fmt: int,
-) -> tuple:
-    if fmt == _FMT_Q4_0:
-        return _tile_dot_q4_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
-    if fmt == _FMT_Q4_1:
-        return _tile_dot_q4_1_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
-    return _tile_dot_q8_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
-
-
-@njit(cache=True, nogil=True)
 def _tile_dot_simd(
     wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, rows: tuple, xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray,
     xs: np.ndarray, tokens: tuple, fmt: int,
@@ -764,15 +752,26 @@ def _tile_dot_simd(
     return _tile_dot_q8_0_simd(wq, wd, wm, rows, xp, xdp, xc, xs, tokens)
 
 
-# The two drivers below are one loop over two tile functions (Numba cannot cache a kernel that takes a function).
-# Each prange iteration owns output rows 2·pair and 2·pair + 1 (an odd last row is both, written twice with one
-# value). Tokens inside the row loop: the two weight rows stay in L1 while every token reads them.
+# The drivers: each prange iteration owns output rows 2·pair and 2·pair + 1 (an odd last row is both, written twice
+# with one value). Tokens inside the row loop: the two weight rows stay in L1 while every token reads them.
+# On VNNI each format has its own driver calling its tile function directly. A driver that chose the format per tile
+# compiled all three formats' steps into one function whose registers spilled to a 7.6 KB stack frame: Q4_1 A16 on
+# SmolLM2 shapes took 1.1-1.4x as long at 1 token and up to 2x at 8 and 64 (Numba cannot cache a kernel that takes
+# the tile function as an argument, hence three drivers). The portable SIMD path keeps one dispatching driver.
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _store_pair(out: np.ndarray, tile: tuple, rows: tuple, token: int) -> None:
+    """A tile's outputs, row-major (rows[0]'s tokens, then rows[1]'s), into out[token + i, row]."""
+    num_tokens = len(tile) // 2
+    for i in range(num_tokens):
+        out[token + i, rows[0]] = tile[i]
+        out[token + i, rows[1]] = tile[num_tokens + i]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _matmul_padded_vnni(
+def _matmul_padded_q4_0_vnni(
     xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray, xs: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
-    fmt: int,
 ) -> np.ndarray:
     num_tokens, num_rows = xp.shape[0], wq.shape[0]
     out = np.empty((num_tokens, num_rows), np.float32)  # (num_tokens, N) float32
@@ -780,14 +779,44 @@ def _matmul_padded_vnni(
     for pair in prange((num_rows + 1) // 2):
         rows = (2 * pair, min(2 * pair + 1, num_rows - 1))
         for token in range(0, num_tiled, _TOKENS_PER_TILE):
-            tile = _tile_dot_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, (token, token + 1, token + 2, token + 3), fmt)
-            for i in range(_TOKENS_PER_TILE):
-                out[token + i, rows[0]] = tile[i]
-                out[token + i, rows[1]] = tile[_TOKENS_PER_TILE + i]
+            _store_pair(out, _tile_dot_q4_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs,
+                                                 (token, token + 1, token + 2, token + 3)), rows, token)
         for token in range(num_tiled, num_tokens):
-            tile = _tile_dot_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, (token,), fmt)
-            out[token, rows[0]] = tile[0]
-            out[token, rows[1]] = tile[1]
+            _store_pair(out, _tile_dot_q4_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, (token,)), rows, token)
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_padded_q4_1_vnni(
+    xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray, xs: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
+) -> np.ndarray:
+    num_tokens, num_rows = xp.shape[0], wq.shape[0]
+    out = np.empty((num_tokens, num_rows), np.float32)  # (num_tokens, N) float32
+    num_tiled = num_tokens - num_tokens % _TOKENS_PER_TILE
+    for pair in prange((num_rows + 1) // 2):
+        rows = (2 * pair, min(2 * pair + 1, num_rows - 1))
+        for token in range(0, num_tiled, _TOKENS_PER_TILE):
+            _store_pair(out, _tile_dot_q4_1_vnni(wq, wd, wm, rows, xp, xdp, xc, xs,
+                                                 (token, token + 1, token + 2, token + 3)), rows, token)
+        for token in range(num_tiled, num_tokens):
+            _store_pair(out, _tile_dot_q4_1_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, (token,)), rows, token)
+    return out
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_padded_q8_0_vnni(
+    xp: np.ndarray, xdp: np.ndarray, xc: np.ndarray, xs: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
+) -> np.ndarray:
+    num_tokens, num_rows = xp.shape[0], wq.shape[0]
+    out = np.empty((num_tokens, num_rows), np.float32)  # (num_tokens, N) float32
+    num_tiled = num_tokens - num_tokens % _TOKENS_PER_TILE
+    for pair in prange((num_rows + 1) // 2):
+        rows = (2 * pair, min(2 * pair + 1, num_rows - 1))
+        for token in range(0, num_tiled, _TOKENS_PER_TILE):
+            _store_pair(out, _tile_dot_q8_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs,
+                                                 (token, token + 1, token + 2, token + 3)), rows, token)
+        for token in range(num_tiled, num_tokens):
+            _store_pair(out, _tile_dot_q8_0_vnni(wq, wd, wm, rows, xp, xdp, xc, xs, (token,)), rows, token)
     return out
 
 
@@ -802,14 +831,10 @@ def _matmul_padded_simd(
     for pair in prange((num_rows + 1) // 2):
         rows = (2 * pair, min(2 * pair + 1, num_rows - 1))
         for token in range(0, num_tiled, _TOKENS_PER_TILE):
-            tile = _tile_dot_simd(wq, wd, wm, rows, xp, xdp, xc, xs, (token, token + 1, token + 2, token + 3), fmt)
-            for i in range(_TOKENS_PER_TILE):
-                out[token + i, rows[0]] = tile[i]
-                out[token + i, rows[1]] = tile[_TOKENS_PER_TILE + i]
+            _store_pair(out, _tile_dot_simd(wq, wd, wm, rows, xp, xdp, xc, xs, (token, token + 1, token + 2, token + 3),
+                                            fmt), rows, token)
         for token in range(num_tiled, num_tokens):
-            tile = _tile_dot_simd(wq, wd, wm, rows, xp, xdp, xc, xs, (token,), fmt)
-            out[token, rows[0]] = tile[0]
-            out[token, rows[1]] = tile[1]
+            _store_pair(out, _tile_dot_simd(wq, wd, wm, rows, xp, xdp, xc, xs, (token,), fmt), rows, token)
     return out
 
 
@@ -818,7 +843,11 @@ def _matmul_vnni(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, fmt: int
 ) -> np.ndarray:
     xp, xdp, xc, xs = _pad_activations(xq, xd, xsum, fmt)
-    return _matmul_padded_vnni(xp, xdp, xc, xs, wq, wd, wm, fmt)
+    if fmt == _FMT_Q4_0:
+        return _matmul_padded_q4_0_vnni(xp, xdp, xc, xs, wq, wd, wm)
+    if fmt == _FMT_Q4_1:
+        return _matmul_padded_q4_1_vnni(xp, xdp, xc, xs, wq, wd, wm)
+    return _matmul_padded_q8_0_vnni(xp, xdp, xc, xs, wq, wd, wm)
 
 
 @njit(cache=True, nogil=True)
