@@ -500,3 +500,20 @@ def test_matmul_ternary_tl2_xq_builds_tables_in_the_same_call(path: str) -> None
                                   reference_int_sums(xq, ternary))
     with pytest.raises(ValueError, match="pack_ternary_tl2"):
         tk.matmul_ternary_tl2_xq(xq, 301, indices, signs, 70)
+
+
+def test_scale_int_sums_matches_the_numpy_expressions_bit_for_bit() -> None:
+    rng = np.random.default_rng(12)
+    int_sums = rng.integers(-(1 << 20), 1 << 20, size=(5, 37), dtype=np.int32)
+    x_scale = rng.uniform(0.5, 300.0, size=5).astype(np.float32)
+    row_scales = rng.uniform(0.001, 0.1, size=37).astype(np.float32)
+    expected = int_sums.astype(np.float32)
+    expected *= row_scales[None, :]
+    expected *= (np.float32(1.0) / x_scale)[:, None]
+    np.testing.assert_array_equal(tk.scale_int_sums(int_sums, row_scales, x_scale, 0.0), expected)
+    weight_scale = np.float32(0.0371)
+    factor = (np.float64(weight_scale) / x_scale.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(tk.scale_int_sums(int_sums, None, x_scale, float(weight_scale)),
+                                  int_sums.astype(np.float32) * factor[:, None])
+    np.testing.assert_array_equal(tk.scale_int_sums(int_sums[:, :20], None, x_scale, float(weight_scale)),
+                                  int_sums[:, :20].astype(np.float32) * factor[:, None])

@@ -631,6 +631,46 @@ def pack_ternary(ternary: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed.reshape(num_rows, padded_k // 4))
 
 
+def scale_int_sums(int_sums: np.ndarray, row_scales: np.ndarray | None, x_scale: np.ndarray,
+                   weight_scale: float) -> np.ndarray:
+    """Exact sums Σ T·q to a BitNet layer's float output, in one pass.
+
+    int_sums (T, N) int32; x_scale (T,) float32, with x ≈ xq / x_scale. With row_scales (N,) float32 (fused
+    matrices): f32(Σ) · row_scales[n] · (1 / x_scale[t]), each product rounded to float32 in that order. Without
+    (per-tensor weight_scale): f32(Σ) · f32(weight_scale / x_scale[t]), the factor formed in float64 and rounded once.
+    -> (T, N) float32, the same bits as those numpy expressions.
+    """
+    if int_sums.ndim != 2 or int_sums.dtype != np.int32 or x_scale.shape != (int_sums.shape[0],) \
+            or x_scale.dtype != np.float32:
+        raise ValueError(f"scale_int_sums: expected (T, N) int32 sums and (T,) float32 x_scale, got {int_sums.shape} "
+                         f"{int_sums.dtype} and {x_scale.shape} {x_scale.dtype}")
+    int_sums = np.ascontiguousarray(int_sums)  # the zero-skipping kernel returns a column slice
+    if row_scales is None:
+        return _scale_int_sums(int_sums, np.empty(0, np.float32), x_scale, np.float64(weight_scale))
+    if row_scales.shape != (int_sums.shape[1],) or row_scales.dtype != np.float32:
+        raise ValueError(f"scale_int_sums: row_scales must be ({int_sums.shape[1]},) float32, got {row_scales.shape} "
+                         f"{row_scales.dtype}")
+    return _scale_int_sums(int_sums, row_scales, x_scale, np.float64(0.0))
+
+
+@njit(cache=True, nogil=True)
+def _scale_int_sums(int_sums: np.ndarray, row_scales: np.ndarray, x_scale: np.ndarray,
+                    weight_scale: np.float64) -> np.ndarray:
+    num_tokens, num_rows = int_sums.shape
+    out = np.empty((num_tokens, num_rows), dtype=np.float32)  # (T, N) float32
+    for t in range(num_tokens):
+        sums, row = int_sums[t], out[t]
+        if row_scales.size:
+            inverse = np.float32(1.0) / x_scale[t]
+            for n in range(num_rows):
+                row[n] = np.float32(sums[n]) * row_scales[n] * inverse
+        else:
+            factor = np.float32(weight_scale / np.float64(x_scale[t]))
+            for n in range(num_rows):
+                row[n] = np.float32(sums[n]) * factor
+    return out
+
+
 def unpack_ternary(codes: np.ndarray, in_features: int) -> np.ndarray:
     """codes: (N, padded_k // 4) uint8 from pack_ternary -> (N, in_features) int8 in {-1, 0, 1}."""
     if codes.ndim != 2 or codes.dtype != np.uint8 or codes.shape[1] % BLOCK_BYTES:

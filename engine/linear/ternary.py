@@ -15,6 +15,7 @@ from engine.kernels.ternary import (
     pack_tl2_from_codes,
     padded_in_features,
     quantize_activations,
+    scale_int_sums,
     unpack_ternary,
 )
 from engine.kernels.ternary_sparse import matmul_ternary_sparse, pack_sign_masks
@@ -97,19 +98,11 @@ class TernaryLinear:
             sums = matmul_ternary_blockscaled(xq, self.codes, self.block_scales)  # (T, N) float32
             sums /= x_scale[:, None]
             return sums
-        int_sums = self._int_sums(xq, act_sum)  # (T, N) int32, exact Σ T·q
-        if self.row_scales is not None:
-            y = int_sums.astype(np.float32)  # (T, N) float32, exact while |Σ T·q| < 2^24
-            y *= self.row_scales[None, :]
-            y *= (np.float32(1.0) / x_scale)[:, None]
-            return y
         # The reference is (xq / s) @ T.T · weight_scale = Σ T·q · (weight_scale / s). Forming the per-token factor in
         # float64 and rounding it once leaves two float32 roundings in all: within 1 ulp of the exact value, closer
-        # than the reference's own float32 dot product.
-        out_scale = (np.float64(self.weight_scale) / x_scale.astype(np.float64)).astype(np.float32)  # (T,) float32
-        y = int_sums.astype(np.float32)  # (T, N) float32, exact while |Σ T·q| < 2^24
-        y *= out_scale[:, None]
-        return y
+        # than the reference's own float32 dot product. f32(Σ T·q) is exact while |Σ T·q| < 2^24.
+        weight_scale = 0.0 if self.weight_scale is None else float(self.weight_scale)
+        return scale_int_sums(self._int_sums(xq, act_sum), self.row_scales, x_scale, weight_scale)
 
     def _int_sums(self, xq: np.ndarray, act_sum: np.ndarray) -> np.ndarray:
         """Σ T·q (T, N) int32 by the row kernels, or for a single token by skipping zero columns or by TL2 lookups
