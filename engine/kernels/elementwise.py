@@ -10,14 +10,16 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-_PARALLEL_MIN_VALUES = 16384  # smaller inputs run on the calling thread alone
+# Inputs with fewer values than this run on the calling thread alone: a parallel region's start and join cost more
+# than they do (a decode step of a few sequences). Read by the Python wrappers only, never inside a kernel.
+PARALLEL_MIN_VALUES = 16384
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: (T, D) float32 -> x / sqrt(mean(x²) + eps) * weight, a new (T, D) float32 array."""
     _check_rows(x, weight)
     out = np.empty_like(x)
-    (_rms_norm if x.size >= _PARALLEL_MIN_VALUES else _rms_norm_serial)(x, weight, np.float32(eps), out)
+    (_rms_norm if x.size >= PARALLEL_MIN_VALUES else _rms_norm_serial)(x, weight, np.float32(eps), out)
     return out
 
 
@@ -27,7 +29,7 @@ def add_rms_norm(hidden: np.ndarray, delta: np.ndarray, weight: np.ndarray, eps:
     if delta.shape != hidden.shape or delta.dtype != np.float32:
         raise ValueError(f"delta {delta.shape} {delta.dtype} must match hidden {hidden.shape} float32")
     out = np.empty_like(hidden)
-    (_add_rms_norm if hidden.size >= _PARALLEL_MIN_VALUES else _add_rms_norm_serial)(
+    (_add_rms_norm if hidden.size >= PARALLEL_MIN_VALUES else _add_rms_norm_serial)(
         hidden, np.ascontiguousarray(delta), weight, np.float32(eps), out)
     return out
 
@@ -48,7 +50,7 @@ def gated_activation(gate_up: np.ndarray, relu2: bool) -> np.ndarray:
     if gate_up.dtype != np.float32 or gate_up.ndim != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be (T, 2F) float32, got {gate_up.shape} {gate_up.dtype}")
     out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=np.float32)
-    (_gated_activation if gate_up.size >= _PARALLEL_MIN_VALUES else _gated_activation_serial)(gate_up, relu2, out)
+    (_gated_activation if gate_up.size >= PARALLEL_MIN_VALUES else _gated_activation_serial)(gate_up, relu2, out)
     return out
 
 

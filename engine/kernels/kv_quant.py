@@ -14,11 +14,12 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from engine.kernels.elementwise import PARALLEL_MIN_VALUES
+
 # Values per absmax scale. 32 is the smallest group that keeps 3-bit records at <= 0.22x fp16 with 16-bit scales
 # (head_dim 64: 24 code bytes + 2 scales x 2 bytes = 28 bytes, against 128).
 GROUP_SIZE = 32
 HALF_MAX = 65504.0  # largest finite IEEE half; fp16 records clamp to it rather than store infinities
-_PARALLEL_MIN_VALUES = 16384  # fewer values than this are rotated on the calling thread alone
 
 
 class KVFormat(enum.IntEnum):
@@ -191,7 +192,7 @@ def hadamard_rows(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected float32 rows of a power-of-two length, got {x.dtype} {x.shape}")
     out = np.array(x, dtype=np.float32, order="C")  # same shape as x, transformed in place below
     # A decode step's queries are a few rows: the parallel region's start and join would cost more than the rows.
-    (_hadamard_rows if out.size >= _PARALLEL_MIN_VALUES else _hadamard_rows_serial)(out.reshape(-1, x.shape[-1]))
+    (_hadamard_rows if out.size >= PARALLEL_MIN_VALUES else _hadamard_rows_serial)(out.reshape(-1, x.shape[-1]))
     return out
 
 
