@@ -70,6 +70,23 @@ def test_hadamard_rotation_is_orthonormal_and_its_own_inverse() -> None:
     np.testing.assert_allclose(hadamard_rows(rotated), x, atol=1e-5 * np.abs(x).max())
 
 
+@pytest.mark.parametrize("width", [1, 8, 16, 64, 128, 256])
+def test_hadamard_rotation_matches_butterflies_bit_for_bit(width: int) -> None:
+    """The kernel (in-register stages for widths up to 8, vector loops above) against numpy butterflies in the same
+    order: stage widths 1, 2, 4, ..., a + b below and a - b above, then one multiply by 1/sqrt(n)."""
+    rng = np.random.default_rng(width)
+    x = (rng.standard_normal((40, width)) * 10.0 ** rng.uniform(-4, 4, (40, 1))).astype(np.float32)
+    expected = x.copy()
+    stage = 1
+    while stage < width:
+        pairs = expected.reshape(40, width // (2 * stage), 2, stage)
+        low, high = pairs[:, :, 0].copy(), pairs[:, :, 1].copy()
+        pairs[:, :, 0], pairs[:, :, 1] = low + high, low - high
+        stage *= 2
+    expected *= np.float32(1.0 / math.sqrt(width))
+    np.testing.assert_array_equal(hadamard_rows(x).view(np.int32), expected.view(np.int32))
+
+
 class Scenario:
     """One layer's cache with several sequences whose keys and values are known, written step by step."""
 
