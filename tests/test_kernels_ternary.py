@@ -502,6 +502,30 @@ def test_matmul_ternary_tl2_xq_builds_tables_in_the_same_call(path: str) -> None
         tk.matmul_ternary_tl2_xq(xq, 301, indices, signs, 70)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_tl2_equals_quantize_lookup_and_scale_in_turn(path: str) -> None:
+    rng = np.random.default_rng(13)
+    ternary = random_ternary(rng, 45, 301)
+    indices, signs = tk.pack_ternary_tl2(ternary)
+    x = rng.standard_normal((2, 301)).astype(np.float32)
+    xq, x_scale, _ = tk.quantize_activations(x)
+    int_sums = tk.matmul_ternary_tl2_xq(xq, 301, indices, signs, 45)
+    kernel = {"portable": tk._linear_tl2_portable, "avx512_vnni": tk._linear_tl2_avx512}[path]
+    row_scales = rng.uniform(0.01, 0.1, 45).astype(np.float32)
+    np.testing.assert_array_equal(kernel(x, 512, indices, signs, 45, row_scales, np.float64(0.0)),
+                                  tk.scale_int_sums(int_sums, row_scales, x_scale, 0.0))
+    np.testing.assert_array_equal(kernel(x, 512, indices, signs, 45, np.empty(0, np.float32), np.float64(0.03)),
+                                  tk.scale_int_sums(int_sums, None, x_scale, 0.03))
+    np.testing.assert_array_equal(tk.linear_tl2(x, indices, signs, 45, None, 0.03),
+                                  tk.scale_int_sums(int_sums, None, x_scale, 0.03))
+    with pytest.raises(ValueError, match="pack_ternary_tl2"):
+        tk.linear_tl2(x, indices, signs, 70, None, 0.03)
+    with pytest.raises(ValueError, match="row_scales"):
+        tk.linear_tl2(x, indices, signs, 45, row_scales[:40], 0.0)
+    with pytest.raises(ValueError, match="float32"):
+        tk.linear_tl2(x.astype(np.float64), indices, signs, 45, None, 0.03)
+
+
 def test_scale_int_sums_matches_the_numpy_expressions_bit_for_bit() -> None:
     rng = np.random.default_rng(12)
     int_sums = rng.integers(-(1 << 20), 1 << 20, size=(5, 37), dtype=np.int32)

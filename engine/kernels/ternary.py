@@ -582,6 +582,28 @@ def _matmul_ternary_tl2_xq_portable(xq: np.ndarray, in_features: int, indices: n
     return _matmul_ternary_tl2_portable(tables, indices, signs, num_rows)
 
 
+# A whole BitNet layer product for one token in one call: quantize, build tables, look up, scale. A decode step makes
+# four of these per layer, so the three Python round trips and their checks saved per product add up.
+
+
+@njit(cache=True, nogil=True)
+def _linear_tl2_avx512(x: np.ndarray, padded_k: int, indices: np.ndarray, signs: np.ndarray, num_rows: int,
+                       row_scales: np.ndarray, weight_scale: np.float64) -> np.ndarray:
+    xq, x_scale, _ = _quantize_activations(x, padded_k)
+    tables = _build_tl2_tables(xq, x.shape[1], signs.shape[1])
+    return _scale_int_sums(_matmul_ternary_tl2_avx512(tables, indices, signs, num_rows), row_scales, x_scale,
+                           weight_scale)
+
+
+@njit(cache=True, nogil=True)
+def _linear_tl2_portable(x: np.ndarray, padded_k: int, indices: np.ndarray, signs: np.ndarray, num_rows: int,
+                         row_scales: np.ndarray, weight_scale: np.float64) -> np.ndarray:
+    xq, x_scale, _ = _quantize_activations(x, padded_k)
+    tables = _build_tl2_tables(xq, x.shape[1], signs.shape[1])
+    return _scale_int_sums(_matmul_ternary_tl2_portable(tables, indices, signs, num_rows), row_scales, x_scale,
+                           weight_scale)
+
+
 @njit(cache=True, nogil=True)
 def _quantize_activations(x: np.ndarray, padded_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     num_tokens, in_features = x.shape
@@ -851,14 +873,36 @@ def matmul_ternary_tl2_xq(xq: np.ndarray, in_features: int, indices: np.ndarray,
     if xq.ndim != 2 or xq.dtype != np.int8 or not xq.flags.c_contiguous or xq.shape[1] < in_features:
         raise ValueError(f"matmul_ternary_tl2_xq: xq must be C-contiguous (T, >= {in_features}) int8, got "
                          f"{xq.shape} {xq.dtype}")
+    _check_tl2_layout("matmul_ternary_tl2_xq", in_features, indices, signs, num_rows)
+    return _MATMUL_TERNARY_TL2_XQ(xq, in_features, indices, signs, num_rows)
+
+
+def _check_tl2_layout(name: str, in_features: int, indices: np.ndarray, signs: np.ndarray, num_rows: int) -> None:
     num_groups = tl2_num_groups(in_features)
     if indices.dtype != np.uint16 or indices.shape != (-(-num_rows // TL2_TILE_ROWS), num_groups // 4, TL2_TILE_ROWS) \
             or signs.dtype != np.uint32 or signs.shape != (indices.shape[0], num_groups) \
             or not (indices.flags.c_contiguous and signs.flags.c_contiguous):
-        raise ValueError(f"matmul_ternary_tl2_xq: indices and signs do not hold {num_rows} rows of {in_features} "
-                         f"weights packed by pack_ternary_tl2: got {indices.shape} {indices.dtype}, {signs.shape} "
-                         f"{signs.dtype}")
-    return _MATMUL_TERNARY_TL2_XQ(xq, in_features, indices, signs, num_rows)
+        raise ValueError(f"{name}: indices and signs do not hold {num_rows} rows of {in_features} weights packed by "
+                         f"pack_ternary_tl2: got {indices.shape} {indices.dtype}, {signs.shape} {signs.dtype}")
+
+
+def linear_tl2(x: np.ndarray, indices: np.ndarray, signs: np.ndarray, num_rows: int, row_scales: np.ndarray | None,
+               weight_scale: float) -> np.ndarray:
+    """A BitNet layer's float output from TL2 weights in one call: quantize_activations, matmul_ternary_tl2_xq and
+    scale_int_sums in a row, with the same bits. x: (T, K) float32, C-contiguous; indices and signs: num_rows rows
+    of K weights from pack_ternary_tl2; row_scales or weight_scale as scale_int_sums takes them -> (T, num_rows)
+    float32."""
+    if x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous or x.shape[1] > MAX_IN_FEATURES:
+        raise ValueError(f"linear_tl2: expected C-contiguous (T, <= {MAX_IN_FEATURES}) float32, got {x.shape} "
+                         f"{x.dtype}")
+    in_features = x.shape[1]
+    _check_tl2_layout("linear_tl2", in_features, indices, signs, num_rows)
+    if row_scales is not None and (row_scales.shape != (num_rows,) or row_scales.dtype != np.float32):
+        raise ValueError(f"linear_tl2: row_scales must be ({num_rows},) float32, got {row_scales.shape} "
+                         f"{row_scales.dtype}")
+    scales = np.empty(0, np.float32) if row_scales is None else row_scales
+    return _LINEAR_TL2(x, padded_in_features(in_features), indices, signs, num_rows, scales,
+                       np.float64(0.0 if row_scales is not None else weight_scale))
 
 
 def _select_kernel_path() -> str:
@@ -879,6 +923,7 @@ _MATMUL_TERNARY_TL2 = _matmul_ternary_tl2_avx512 if KERNEL_PATH == "avx512_vnni"
 _MATMUL_TERNARY_TL2_XQ = (
     _matmul_ternary_tl2_xq_avx512 if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_tl2_xq_portable
 )
+_LINEAR_TL2 = _linear_tl2_avx512 if KERNEL_PATH == "avx512_vnni" else _linear_tl2_portable
 _MATMUL_TERNARY = _matmul_ternary_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_portable
 _MATMUL_TERNARY_BLOCKSCALED = (
     _matmul_ternary_blockscaled_vnni if KERNEL_PATH == "avx512_vnni" else _matmul_ternary_blockscaled_portable

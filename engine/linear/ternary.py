@@ -8,6 +8,7 @@ import numpy as np
 
 from engine.kernels.ternary import (
     BLOCK_WEIGHTS,
+    linear_tl2,
     matmul_ternary,
     matmul_ternary_blockscaled,
     matmul_ternary_tl2_xq,
@@ -89,6 +90,8 @@ class TernaryLinear:
         """x: (num_tokens, in_features) float32, C-contiguous -> (num_tokens, out_features) float32."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"TernaryLinear: x must be (num_tokens, {self.in_features}), got {x.shape}")
+        if self.tl2 is not None and self.sign_masks is None and len(x) == 1:  # decode: the fused TL2 call
+            return linear_tl2(x, *self.tl2, self.out_features, self.row_scales, self._weight_scale_or_zero)
         return self.matmul_quantized(*quantize_activations(x))
 
     def matmul_quantized(self, xq: np.ndarray, x_scale: np.ndarray, act_sum: np.ndarray) -> np.ndarray:
@@ -101,8 +104,7 @@ class TernaryLinear:
         # The reference is (xq / s) @ T.T · weight_scale = Σ T·q · (weight_scale / s). Forming the per-token factor in
         # float64 and rounding it once leaves two float32 roundings in all: within 1 ulp of the exact value, closer
         # than the reference's own float32 dot product. f32(Σ T·q) is exact while |Σ T·q| < 2^24.
-        weight_scale = 0.0 if self.weight_scale is None else float(self.weight_scale)
-        return scale_int_sums(self._int_sums(xq, act_sum), self.row_scales, x_scale, weight_scale)
+        return scale_int_sums(self._int_sums(xq, act_sum), self.row_scales, x_scale, self._weight_scale_or_zero)
 
     def _int_sums(self, xq: np.ndarray, act_sum: np.ndarray) -> np.ndarray:
         """Σ T·q (T, N) int32 by the row kernels, or for a single token by skipping zero columns or by TL2 lookups
@@ -146,6 +148,11 @@ class TernaryLinear:
         skipped)."""
         layout_bytes = self.codes.nbytes if self.tl2 is None else sum(array.nbytes for array in self.tl2)
         return layout_bytes + self._scale_bytes
+
+    @property
+    def _weight_scale_or_zero(self) -> float:
+        """The per-tensor scale as scale_int_sums takes it (ignored there when row scales are held)."""
+        return 0.0 if self.weight_scale is None else float(self.weight_scale)
 
     @property
     def _scale_bytes(self) -> int:
