@@ -504,19 +504,50 @@ def _tl2_tile(typingctx, tables, indices, signs, tile, tokens, num_quads):
     return sig, codegen
 
 
+@intrinsic
+def _group_tables(typingctx, xq_row, num_groups, tables):
+    """tables[g, m] = Σ_i w_i(m) · xq_row[3g + i] for g < num_groups: per group, three broadcast activations times
+    three constant weight vectors, one 16-lane int16 store (LLVM left the scalar loop as 16 scalar stores).
+    xq_row: (>= 3 · num_groups,) int8 and tables: (>= num_groups, 16) int16, both C-contiguous. Generic vector IR,
+    so every target (the portable path too) compiles it."""
+    sig = types.void(xq_row, num_groups, tables)
+    lanes_type = ir.VectorType(ir.IntType(16), _TL2_TABLE_ENTRIES)
+
+    def codegen(context, builder, signature, args):
+        xq_type, groups_type, tables_type = signature.args
+        activations = builder.bitcast(context.make_array(xq_type)(context, builder, args[0]).data, _I8.as_pointer())
+        out = builder.bitcast(context.make_array(tables_type)(context, builder, args[2]).data, lanes_type.as_pointer())
+        weights = [ir.Constant(lanes_type, [int(w) for w in _TL2_PATTERN_WEIGHTS[i]]) for i in range(3)]
+        broadcast = ir.Constant(ir.VectorType(_I32, _TL2_TABLE_ENTRIES), None)
+        with cgutils.for_range(builder, context.cast(builder, args[1], groups_type, types.int64)) as loop:
+            first = builder.mul(loop.index, ir.Constant(_I64, 3))
+            entries = None
+            for i in range(3):
+                value = builder.sext(builder.load(builder.gep(activations, [builder.add(first, ir.Constant(_I64, i))])),
+                                     ir.IntType(16))
+                lanes = builder.insert_element(ir.Constant(lanes_type, ir.Undefined), value, ir.Constant(_I32, 0))
+                term = builder.mul(builder.shuffle_vector(lanes, lanes, broadcast), weights[i])
+                entries = term if entries is None else builder.add(entries, term)
+            builder.store(entries, builder.gep(out, [loop.index]), align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True)
 def _build_tl2_tables(xq: np.ndarray, in_features: int, num_groups: int) -> np.ndarray:
     """xq: (T, >= in_features) int8 -> (T, num_groups, 16) int16; entry m of group g = Σ_i w_i(m) · xq[t, 3g + i],
     with w(m) the pattern m decodes to; inputs past in_features count as zero, entries 14 and 15 are zero."""
     num_tokens = xq.shape[0]
     tables = np.empty((num_tokens, num_groups, _TL2_TABLE_ENTRIES), dtype=np.int16)  # (T, num_groups, 16) int16
+    whole_groups = min(num_groups, in_features // 3)  # groups whose three inputs all lie below in_features
     for token in range(num_tokens):
-        for group in range(num_groups):
+        _group_tables(xq[token], whole_groups, tables[token])
+        for group in range(whole_groups, num_groups):
             k = 3 * group
             a0 = np.int16(xq[token, k]) if k < in_features else np.int16(0)
             a1 = np.int16(xq[token, k + 1]) if k + 1 < in_features else np.int16(0)
             a2 = np.int16(xq[token, k + 2]) if k + 2 < in_features else np.int16(0)
-            # A fixed 16-entry loop over constant weights: LLVM turns it into a few 256-bit multiply-adds.
             for entry in range(_TL2_TABLE_ENTRIES):
                 tables[token, group, entry] = (a0 * _TL2_PATTERN_WEIGHTS[0, entry] + a1 * _TL2_PATTERN_WEIGHTS[1, entry]
                                                + a2 * _TL2_PATTERN_WEIGHTS[2, entry])
