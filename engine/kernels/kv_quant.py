@@ -219,19 +219,19 @@ def _bits_float(typingctx, bits):  # pragma: no cover - compile-time
 
 @njit(cache=True, nogil=True)
 def _half_bits(value):  # pragma: no cover - jitted
-    """float32 -> IEEE half bits, rounded to nearest even, in integer arithmetic (no F16C needed)."""
+    """float32 -> IEEE half bits, rounded to nearest even, in integer arithmetic (no F16C needed). Every case is
+    computed and the right one selected, with no branch, so loops of it vectorize."""
     bits = _float_bits(np.float32(value))
     sign = (bits >> np.uint32(16)) & np.uint32(0x8000)
     bits &= np.uint32(0x7FFFFFFF)
-    if bits >= np.uint32(0x47800000):  # |value| >= 2^16: infinity (NaN stays NaN)
-        half = np.uint32(0x7E00) if bits > np.uint32(0x7F800000) else np.uint32(0x7C00)
-    elif bits < np.uint32(0x38800000):  # below 2^-14: a subnormal half
-        # Adding 0.5 leaves the half's mantissa in the low bits, rounded to nearest even by the FPU.
-        half = _float_bits(_bits_float(bits) + np.float32(0.5)) - np.uint32(0x3F000000)
-    else:
-        odd = (bits >> np.uint32(13)) & np.uint32(1)
-        # Rebias the exponent (127 -> 15) and add just under half an ulp, plus one when odd: round half to even.
-        half = (bits + np.uint32(0xC8000FFF) + odd) >> np.uint32(13)
+    # |value| >= 2^16: infinity (NaN stays NaN)
+    overflow = np.uint32(0x7E00) if bits > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    # Below 2^-14, a subnormal half: adding 0.5 leaves its mantissa in the low bits, rounded to nearest even by the FPU.
+    subnormal = _float_bits(_bits_float(bits) + np.float32(0.5)) - np.uint32(0x3F000000)
+    # Otherwise rebias the exponent (127 -> 15) and add just under half an ulp, plus one when odd: round half to even.
+    normal = (bits + np.uint32(0xC8000FFF) + ((bits >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    half = normal if bits >= np.uint32(0x38800000) else subnormal
+    half = overflow if bits >= np.uint32(0x47800000) else half
     return np.uint16((half | sign) & np.uint32(0xFFFF))
 
 
