@@ -23,6 +23,7 @@ from engine import load_model
 from engine.default_model import pull_default_model
 from engine.formats.ggml import GGMLType
 from engine.linear.a4_8 import ACTIVATION_MODES
+from engine.linear.calibrate import ZERO_FRACTIONS, calibrate_zero_skipping
 from engine.linear.head import with_refined_head
 from engine.linear.ternary import TernaryLinear
 from engine.loaded_model import LoadedModel
@@ -160,6 +161,14 @@ def main() -> None:
             weights = random_model(BITNET_2B4T_ARGS, seed=0, head_type=head)
             model = LoadedModel(with_refined_head(weights, scan="q4_0" if args.head == "q4_0" else "q8_0"), None,
                                 activations=args.activations)
+        skipping = [layer.down_proj for layer in model.weights.layers if isinstance(layer.down_proj, TernaryLinear)
+                    and layer.down_proj.sign_masks is not None]
+        if skipping:  # as the server's warm-up does: time zero-column skipping here and set when it is used
+            calibration = calibrate_zero_skipping(skipping)
+            ratios = ", ".join(f"{100 * fraction:.0f}% {skipping_s / dense_s:.2f}x" for fraction, dense_s, skipping_s
+                               in zip(ZERO_FRACTIONS, calibration.dense_s, calibration.skipping_s, strict=True))
+            print(f"  zero skipping, time against the dense kernel at each zero fraction: {ratios}; skips from "
+                  f"{'never' if calibration.threshold is None else f'{100 * calibration.threshold:.0f}% zeros'}")
         result = measure(model, args.prompt_tokens, args.decode_tokens, args.repeats)
         bytes_per_token = weight_bytes_per_token(model.weights)
         floor_tok_s = bandwidth_gbs * 1e9 / bytes_per_token

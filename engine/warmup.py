@@ -6,11 +6,11 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-
 from engine.config import KV_CACHE_DTYPES, ModelArgs
 from engine.formats.ggml import GGMLType
+from engine.linear.calibrate import calibrate_zero_skipping
 from engine.linear.head import with_refined_head
+from engine.linear.ternary import TernaryLinear
 from engine.loaded_model import LoadedModel
 from engine.random_model import random_model
 from engine.weights import ModelWeights
@@ -29,13 +29,16 @@ WARMUP_PROMPT_TOKENS = 56
 
 def warm_up(model: LoadedModel) -> None:
     """Run every kernel shape a request will hit (a long and a short prefill, single-token decodes) once, so JIT or
-    cache loading happens here and never inside a request."""
+    cache loading happens here and never inside a request. Where down projections keep sign masks, also time the
+    zero-skipping kernel against the dense one and set when to skip (engine/linear/calibrate.py): call this on the
+    thread, with the thread count, that will serve the model."""
     num_prompt = max(1, min(WARMUP_PROMPT_TOKENS, model.args.max_position_embeddings - 2))
     model.generate([token % model.args.vocab_size for token in range(num_prompt)], max_new_tokens=2)
     model.generate([token % model.args.vocab_size for token in range(3)], max_new_tokens=2)
-    for layer in model.weights.layers:  # an all-zero input takes the zero-skipping kernel, wherever it is kept
-        if getattr(layer.down_proj, "sign_masks", None) is not None:
-            layer.down_proj(np.zeros((1, layer.down_proj.in_features), dtype=np.float32))
+    skipping = [layer.down_proj for layer in model.weights.layers if isinstance(layer.down_proj, TernaryLinear)
+                and layer.down_proj.sign_masks is not None]
+    if skipping:
+        calibrate_zero_skipping(skipping)
 
 
 def warmup_weights() -> list[ModelWeights]:

@@ -9,6 +9,8 @@ import pytest
 from engine.kernels import cpu_features
 from engine.kernels import ternary_sparse as ts
 from engine.kernels.ternary import quantize_activations
+from engine.linear import ternary as ts_linear
+from engine.linear.calibrate import ZERO_FRACTIONS, calibrate_zero_skipping, skip_threshold
 from engine.linear.ternary import SKIP_MIN_ZERO_FRACTION, TernaryLinear
 
 HAS_AVX512BW = cpu_features.detect_cpu_features().avx512bw
@@ -83,3 +85,53 @@ def test_block_scaled_weights_cannot_keep_sign_masks() -> None:
     linear = TernaryLinear.from_ternary(np.ones((4, 256), dtype=np.int8), block_scales=np.ones((4, 1), np.float32))
     with pytest.raises(ValueError, match="per-tensor or per-row"):
         linear.keep_sign_masks()
+
+
+def test_skip_threshold_is_where_skipping_wins_from_then_on() -> None:
+    fractions = (0.5, 0.7, 0.9, 0.95)
+    assert skip_threshold(fractions, [1.0] * 4, [1.5, 0.9, 0.8, 0.5]) == 0.7
+    assert skip_threshold(fractions, [1.0] * 4, [0.9, 1.1, 0.8, 0.5]) == 0.9  # a loss at 70% rules out 50%
+    assert skip_threshold(fractions, [1.0] * 4, [0.5, 0.5, 0.5, 1.0]) is None  # lost at the largest fraction
+    assert skip_threshold(fractions, [1.0] * 4, [0.1] * 4) == 0.5
+
+
+def test_calibration_sets_when_each_layer_skips_and_the_bits_never_change() -> None:
+    rng = np.random.default_rng(9)
+    ternary = rng.integers(-1, 2, size=(300, 700), dtype=np.int8)
+    layers = [TernaryLinear.from_ternary(ternary, weight_scale=0.02) for _ in range(3)]
+    for layer in layers:
+        layer.keep_sign_masks()
+        layer.keep_tl2()
+    calibration = calibrate_zero_skipping(layers)
+    assert calibration.threshold is None or calibration.threshold in ZERO_FRACTIONS
+    assert len(calibration.dense_s) == len(calibration.skipping_s) == len(ZERO_FRACTIONS)
+    assert all(layer.skip_min_zero_fraction == calibration.threshold for layer in layers)
+    plain = TernaryLinear.from_ternary(ternary, weight_scale=0.02)
+    x = rng.standard_normal((1, 700)).astype(np.float32)
+    x[rng.random(x.shape) < 0.97] = 0.0
+    xq, _, act_sum = quantize_activations(x)
+    for threshold in (None, 0.5):  # never skips; skips this 97%-zero input
+        layers[0].skip_min_zero_fraction = threshold
+        np.testing.assert_array_equal(layers[0](x), plain(x))
+    np.testing.assert_array_equal(layers[0].skipping_int_sums(xq), layers[0].dense_int_sums(xq, act_sum))
+    with pytest.raises(ValueError, match="sign masks"):
+        calibrate_zero_skipping([plain])
+
+
+def test_a_layer_skips_zero_columns_only_from_its_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(10)
+    layer = TernaryLinear.from_ternary(rng.integers(-1, 2, size=(64, 500), dtype=np.int8), weight_scale=0.1)
+    layer.keep_sign_masks()
+    skipped = []
+
+    def counted(*args: object) -> np.ndarray:
+        skipped.append(1)
+        return ts.matmul_ternary_sparse(*args)
+
+    monkeypatch.setattr(ts_linear, "matmul_ternary_sparse", counted)
+    x = rng.uniform(0.5, 1.0, size=(1, 500)).astype(np.float32)
+    x[0, :400] = 0.0  # 80% zeros
+    for threshold, expected in ((None, 0), (0.9, 0), (0.8, 1), (0.5, 2)):
+        layer.skip_min_zero_fraction = threshold
+        layer(x)
+        assert len(skipped) == expected

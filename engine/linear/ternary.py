@@ -23,8 +23,10 @@ from engine.kernels.ternary_sparse import matmul_ternary_sparse, pack_sign_masks
 from engine.weights import ModelWeights
 
 # A single token's product skips zero input columns (sign-mask layout, engine/kernels/ternary_sparse.py) when at least
-# this fraction of its activations is zero. Measured on 2560x6912 with weights in DRAM, 2 threads: the skipping kernel
-# takes 1.56x the row kernel's time at 51% zeros, 1.08x at 72%, 0.73x at 85%; with several tokens it never wins.
+# this fraction of its activations is zero, until engine/linear/calibrate.py measures the machine it runs on. Measured
+# on 2560x6912 with weights in DRAM, 2 threads, on a Xeon with AMX: the skipping kernel took 1.56x the row kernel's
+# time at 51% zeros, 1.08x at 72%, 0.73x at 85%; with several tokens it never wins. On a Zen 5 EPYC it lost at every
+# fraction up to 85% (1.25x there).
 SKIP_MIN_ZERO_FRACTION = 0.75
 
 
@@ -62,6 +64,8 @@ class TernaryLinear:
         # (ceil(out_features / 256), in_features, 64) uint8 sign masks, or None: a second copy of the weights laid out
         # so a zero activation skips its column's bytes (keep_sign_masks); the row layout above still serves batches.
         self.sign_masks: np.ndarray | None = None
+        # Zero fraction of a single token's input from which its product skips zero columns; None: never
+        self.skip_min_zero_fraction: float | None = SKIP_MIN_ZERO_FRACTION
         # (indices (ceil(out_features / 32), groups / 4, 32) uint16, signs (ceil(out_features / 32), groups) uint32),
         # or None: the weights also in TL2 lookup-table form at 1.67 bits each (keep_tl2), read by single tokens.
         self.tl2: tuple[np.ndarray, np.ndarray] | None = None
@@ -107,11 +111,20 @@ class TernaryLinear:
         return scale_int_sums(self._int_sums(xq, act_sum), self.row_scales, x_scale, self._weight_scale_or_zero)
 
     def _int_sums(self, xq: np.ndarray, act_sum: np.ndarray) -> np.ndarray:
-        """Σ T·q (T, N) int32 by the row kernels, or for a single token by skipping zero columns or by TL2 lookups
-        when those are kept (the same sums)."""
-        if self.sign_masks is not None and len(xq) == 1 and \
-                np.count_nonzero(xq[0, :self.in_features]) <= (1.0 - SKIP_MIN_ZERO_FRACTION) * self.in_features:
-            return matmul_ternary_sparse(xq, self.sign_masks, self.out_features)
+        """Σ T·q (T, N) int32 by the row kernels, or for a single token by skipping zero columns (when the sign masks
+        are kept and enough inputs are zero) or by TL2 lookups (when kept): the same sums."""
+        if self.sign_masks is not None and len(xq) == 1 and self.skip_min_zero_fraction is not None and \
+                self.in_features - np.count_nonzero(xq[0, :self.in_features]) >= \
+                self.skip_min_zero_fraction * self.in_features:
+            return self.skipping_int_sums(xq)
+        return self.dense_int_sums(xq, act_sum)
+
+    def skipping_int_sums(self, xq: np.ndarray) -> np.ndarray:
+        """Σ T·q (1, N) int32 for one token, reading the sign masks of its nonzero inputs only (keep_sign_masks)."""
+        return matmul_ternary_sparse(xq, self.sign_masks, self.out_features)
+
+    def dense_int_sums(self, xq: np.ndarray, act_sum: np.ndarray) -> np.ndarray:
+        """Σ T·q (T, N) int32 reading every weight: TL2 lookups for one token when kept, else the row kernels."""
         if self.tl2 is not None and len(xq) == 1:
             return matmul_ternary_tl2_xq(xq, self.in_features, *self.tl2, self.out_features)
         return matmul_ternary(xq, act_sum, self.codes)
