@@ -31,8 +31,8 @@ MATMUL_PATHS = [
 
 def _matmul_amx(xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray,
                 fmt: int) -> np.ndarray:
-    """The AMX kernel behind the other paths' signature: lays the matrix out, then multiplies."""
-    return matmul_amx_rows(xq, xd, xsum, lay_out(wq, wd, wm, fmt), fmt)
+    """The AMX kernel behind the other paths' signature (fp16 scales): lays the matrix out, then multiplies."""
+    return matmul_amx_rows(xq, xd, xsum, lay_out(wq, bq.halves_to_float32(wd), bq.halves_to_float32(wm), fmt), fmt)
 
 
 MATMUL = {"portable": bq._matmul_portable, "simd": bq._matmul_simd, "avx512_vnni": bq._matmul_vnni,
@@ -101,10 +101,10 @@ def block_dots(layer: BlockQuantLinear, xq: np.ndarray) -> np.ndarray:
 
 def block_products_f32(layer: BlockQuantLinear, xq, xd, xsum) -> np.ndarray:
     """(T, N, K // 32) float32 scaled block terms, each rounding in the order the kernels use."""
-    scales = layer.wd[None, :, :] * xd[:, None, :]
+    scales = bq.halves_to_float32(layer.wd)[None, :, :] * xd[:, None, :]
     products = block_dots(layer, xq).astype(np.float32) * scales
     if layer.ggml_type == GGMLType.Q4_1:
-        products = products + layer.wm[None, :, :] * (xd * xsum.astype(np.float32))[:, None, :]
+        products = products + bq.halves_to_float32(layer.wm)[None, :, :] * (xd * xsum.astype(np.float32))[:, None, :]
     return products
 
 
@@ -206,7 +206,26 @@ def test_load_and_dequantize_match_gguf_reference(ggml_type: GGMLType) -> None:
     assert (layer.out_features, layer.in_features) == (33, 96)
     code_bytes = {GGMLType.Q4_0: 16, GGMLType.Q4_1: 16, GGMLType.Q8_0: 32}[ggml_type]
     num_scale_arrays = 2 if ggml_type == GGMLType.Q4_1 else 1
-    assert layer.num_bytes == 33 * 3 * (code_bytes + 4 * num_scale_arrays)  # scales held as float32
+    assert layer.num_bytes == 33 * 3 * (code_bytes + 2 * num_scale_arrays)  # fp16 scales, as GGUF stores them
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_fp16_scale_is_widened_exactly(path: str) -> None:
+    """Each kernel path widens the stored half scales itself (integer moves, no F16C): one Q8_0 row per half bit
+    pattern, weight 1 against activation 1, gives back exactly that scale, subnormals, zeros and infinities included."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    halves = halves[~np.isnan(halves.view(np.float16))]  # (65534 - 2048 NaNs,) uint16
+    wq = np.zeros((halves.size, 32), np.int8)
+    wq[:, 0] = 1
+    xq = np.zeros((1, 32), np.int8)
+    xq[0, 0] = 1
+    xd = np.ones((1, 1), np.float32)
+    y = MATMUL[path](xq, xd, np.ones((1, 1), np.int32), wq.view(np.uint8), halves.reshape(-1, 1),
+                     halves.reshape(-1, 1), bq._FMT_Q8_0)[0]
+    expected = halves.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(y, expected)  # -0.0 comes back as +0.0 through the lane sums: equal as floats
+    rows = bq.dequantize_rows_q8_0(wq, halves.reshape(-1, 1), np.arange(halves.size))
+    np.testing.assert_array_equal(rows[:, 0].view(np.int32), expected.view(np.int32))
 
 
 @pytest.mark.parametrize("bits", ACTIVATION_BITS)
@@ -225,10 +244,12 @@ def test_matmul_matches_integer_reference(path: str, ggml_type: GGMLType, in_fea
         np.testing.assert_array_equal(y, lane_ordered_sum(block_products_f32(layer, xq, xd, xsum)))
         # Against exact integers and float64 scales: float32 rounding only.
         # The bound counts both Q4_1 terms, which cancel (negative minimums), by magnitude.
-        products = block_dots(layer, xq) * (layer.wd.astype(np.float64)[None] * xd.astype(np.float64)[:, None])
+        scales = bq.halves_to_float32(layer.wd).astype(np.float64)
+        products = block_dots(layer, xq) * (scales[None] * xd.astype(np.float64)[:, None])
         magnitudes = np.abs(products)
         if ggml_type == GGMLType.Q4_1:
-            min_terms = layer.wm.astype(np.float64)[None] * (xd.astype(np.float64) * xsum)[:, None]
+            minimums = bq.halves_to_float32(layer.wm).astype(np.float64)
+            min_terms = minimums[None] * (xd.astype(np.float64) * xsum)[:, None]
             products, magnitudes = products + min_terms, magnitudes + np.abs(min_terms)
         num_blocks = in_features // 32
         bound = (num_blocks + 8) * 2.0**-24 * magnitudes.sum(axis=2)

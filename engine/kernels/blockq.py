@@ -25,6 +25,7 @@ _NUM_LANES = 16
 
 # dtype instances, so the per-call checks can compare by identity
 _INT8, _UINT8, _INT32, _FLOAT32 = np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.float32)
+_UINT16 = np.dtype(np.uint16)  # weight block scales and minimums: IEEE half bit patterns, as GGUF stores them
 
 _FMT_Q4_0 = 0
 _FMT_Q4_1 = 1
@@ -53,6 +54,16 @@ def _float_from_bits(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, value):
+    """float32 -> its int32 bit pattern."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
 
 
 @njit(cache=True, nogil=True)
@@ -201,7 +212,7 @@ def quantize_a16_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weights to Q8_0: w (N, K) float32 -> wq (N, K) int8, wd (N, K // 32) float32 holding each block's fp16 scale."""
+    """Weights to Q8_0: w (N, K) float32 -> wq (N, K) int8, wd (N, K // 32) uint16 fp16 scales (bit patterns)."""
     _check("w", w, _FLOAT32, 2)
     _check_in_features(w.shape[1])
     wq, wd, _ = _quantize_q8_blocks(w)
@@ -209,7 +220,8 @@ def quantize_q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weights to Q4_0: w (N, K) float32 -> wq (N, K // 2) uint8 in GGUF nibble order, wd (N, K // 32) fp16 values."""
+    """Weights to Q4_0: w (N, K) float32 -> wq (N, K // 2) uint8 in GGUF nibble order, wd (N, K // 32) uint16 fp16
+    scales (bit patterns)."""
     _check("w", w, _FLOAT32, 2)
     _check_in_features(w.shape[1])
     wq, wd, _ = _quantize_q4(w, _FMT_Q4_0)
@@ -217,7 +229,8 @@ def quantize_q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_q4_1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weights to Q4_1: w (N, K) float32 -> wq (N, K // 2) uint8, wd and wm (N, K // 32) fp16 scales and minimums."""
+    """Weights to Q4_1: w (N, K) float32 -> wq (N, K // 2) uint8, wd and wm (N, K // 32) uint16 fp16 scales and
+    minimums (bit patterns)."""
     _check("w", w, _FLOAT32, 2)
     _check_in_features(w.shape[1])
     wq, wd, wm = _quantize_q4(w, _FMT_Q4_1)
@@ -225,8 +238,14 @@ def quantize_q4_1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _round_to_fp16(values: np.ndarray) -> np.ndarray:
-    """GGUF stores block scales as fp16: codes are computed with the float32 scale, then the scale is rounded."""
-    return values.astype(np.float16).astype(np.float32)
+    """GGUF stores block scales as fp16: codes are computed with the float32 scale, then the scale is rounded ->
+    the same shape of uint16 half bit patterns."""
+    return values.astype(np.float16).view(np.uint16)
+
+
+def halves_to_float32(halves: np.ndarray) -> np.ndarray:
+    """uint16 IEEE half bit patterns (block scales, minimums) -> float32 values of the same shape (exact)."""
+    return halves.view(np.float16).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,6 +301,25 @@ def _block_base_stride(block: int, num_groups: int, block_bytes: int) -> tuple[i
 
 
 @njit(cache=True, nogil=True)
+def _half_value(bits: np.uint16) -> np.float32:
+    """An IEEE half's bit pattern -> its float32 value, exactly, by integer moves (no F16C needed): the exponent and
+    mantissa shift into place and the exponent is rebiased (15 -> 127); a subnormal half is rebuilt as a normal float
+    minus 2^-14, and infinities and NaNs get the float exponent. The same steps as the vector path's
+    _halves_to_floats, so every path sees the same scales."""
+    wide = np.uint32(bits)
+    exponent = wide & np.uint32(0x7C00)
+    moved = ((wide & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(0x38000000)
+    if exponent == 0:
+        magnitude = _float_from_bits(np.int32(moved + np.uint32(0x00800000))) - np.float32(2.0 ** -14)
+    elif exponent == np.uint32(0x7C00):
+        magnitude = _float_from_bits(np.int32(moved + np.uint32(0x38000000)))
+    else:
+        magnitude = _float_from_bits(np.int32(moved))
+    sign = np.int32((wide & np.uint32(0x8000)) << np.uint32(16))
+    return _float_from_bits(_bits_from_float(magnitude) | sign)
+
+
+@njit(cache=True, nogil=True)
 def _dequantize_rows(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, row_ids: np.ndarray, fmt: int) -> np.ndarray:
     num_blocks = wd.shape[1]
     block_bytes = 32 if fmt == _FMT_Q8_0 else 16
@@ -291,7 +329,8 @@ def _dequantize_rows(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, row_ids: np
         row = row_ids[i]
         for block in range(num_blocks):
             base, stride = _block_base_stride(block, num_groups, block_bytes)
-            scale = wd[row, block]
+            scale = _half_value(wd[row, block])
+            minimum = _half_value(wm[row, block])
             for j in range(block_bytes):
                 code = np.int32(wq[row, base + j // 4 * stride + j % 4])
                 col = block * 32 + j
@@ -301,8 +340,8 @@ def _dequantize_rows(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, row_ids: np
                     out[i, col] = np.float32((code & 15) - 8) * scale
                     out[i, col + 16] = np.float32((code >> 4) - 8) * scale
                 else:
-                    out[i, col] = np.float32(code & 15) * scale + wm[row, block]
-                    out[i, col + 16] = np.float32(code >> 4) * scale + wm[row, block]
+                    out[i, col] = np.float32(code & 15) * scale + minimum
+                    out[i, col + 16] = np.float32(code >> 4) * scale + minimum
     return out
 
 
@@ -387,10 +426,10 @@ def _matmul_portable(
             lanes[:] = 0
             for block in range(num_blocks):
                 dot, total = _dot_block(wq[row], digits[token], block, fmt)
-                scale = wd[row, block] * xd[token, block]
+                scale = _half_value(wd[row, block]) * xd[token, block]
                 if fmt == _FMT_Q4_1:
                     act_sum = xd[token, block] * np.float32(xsum[token, block])
-                    product = np.float32(dot) * scale + wm[row, block] * act_sum
+                    product = np.float32(dot) * scale + _half_value(wm[row, block]) * act_sum
                 elif fmt == _FMT_Q4_0:
                     product = np.float32(dot - 8 * total) * scale
                 else:
@@ -430,7 +469,8 @@ _I64 = ir.IntType(64)
 _BYTES = ir.VectorType(_I8, 64)
 _INTS = ir.VectorType(_I32, 16)
 _FLOATS = ir.VectorType(ir.FloatType(), 16)
-_MANGLED = {str(_BYTES): "v64i8", str(_FLOATS): "v16f32"}
+_HALVES = ir.VectorType(ir.IntType(16), 16)  # 16 block scales as IEEE half bit patterns
+_MANGLED = {str(_BYTES): "v64i8", str(_FLOATS): "v16f32", str(_HALVES): "v16i16"}
 _TOKENS_PER_TILE = 4  # tokens computed together: each loaded and unpacked weight vector serves four tokens
 
 
@@ -481,6 +521,25 @@ def _load(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value, vec_type
     return builder.call(fn, [pointer, ir.Constant(_I32, 1), mask, ir.Constant(vec_type, None)])
 
 
+def _halves_to_floats(builder: ir.IRBuilder, halves: ir.Value) -> ir.Value:
+    """<16 x i16> IEEE half bit patterns -> <16 x float>, exactly, in integer vector IR (no F16C needed): the steps
+    of _half_value, each case computed for every lane and the right one selected."""
+    def splat(value: int) -> ir.Constant:
+        return ir.Constant(_INTS, [ir.Constant(_I32, value)] * 16)
+
+    wide = builder.zext(halves, _INTS)
+    exponent = builder.and_(wide, splat(0x7C00))
+    moved = builder.add(builder.shl(builder.and_(wide, splat(0x7FFF)), splat(13)), splat(0x38000000))
+    subnormal = builder.fsub(builder.bitcast(builder.add(moved, splat(0x00800000)), _FLOATS),
+                             ir.Constant(_FLOATS, [ir.Constant(ir.FloatType(), 2.0 ** -14)] * 16))
+    special = builder.add(moved, splat(0x38000000))  # infinities and NaNs: the float exponent is all ones
+    magnitude = builder.select(builder.icmp_unsigned("==", exponent, splat(0x7C00)), special, moved)
+    magnitude = builder.select(builder.icmp_unsigned("==", exponent, splat(0)), builder.bitcast(subnormal, _INTS),
+                               magnitude)
+    sign = builder.shl(builder.and_(wide, splat(0x8000)), splat(16))
+    return builder.bitcast(builder.or_(magnitude, sign), _FLOATS)
+
+
 def _dot_bytes(builder: ir.IRBuilder, acc: ir.Value, unsigned_bytes: ir.Value, signed_bytes: ir.Value,
                vnni: bool) -> ir.Value:
     """acc + Σ over each int32 lane's 4 bytes of unsigned × signed products (exact, no saturation).
@@ -524,14 +583,15 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
     num_loads = bytes_per_block // 4  # 64-byte weight vectors per 16 blocks
     weight_offset = builder.mul(block0, _const(bytes_per_block))
     act_offset = builder.mul(block0, _const(32))
-    scale_offset = builder.mul(block0, _const(4))
+    scale_offset = builder.mul(block0, _const(4))  # of the activations' float32 and int32 per-block values
+    half_offset = builder.mul(block0, _const(2))  # of the weights' fp16 scales and minimums
     with builder.if_then(prefetch["wanted"], likely=True):
         for rows in weight_rows:
             for load in range(num_active_loads):
                 _prefetch(builder, rows["wq"], builder.add(builder.add(weight_offset, _const(64 * load)),
                                                            prefetch["wq"]))
             for name in ("wd", "wm") if fmt == _FMT_Q4_1 else ("wd",):
-                _prefetch(builder, rows[name], builder.add(scale_offset, prefetch["wd"]))
+                _prefetch(builder, rows[name], builder.add(half_offset, prefetch["wd"]))
     float_mask = None if tail is None else _prefix_mask(builder, tail, 16)
     zero = ir.Constant(_INTS, None)
     num_parts = 1 if fmt == _FMT_Q8_0 else 2
@@ -557,8 +617,10 @@ def _emit_step(builder: ir.IRBuilder, fmt: int, vnni: bool, weight_rows: list[di
             else:
                 high = builder.and_(builder.lshr(weights, _splat_bytes(4)), _splat_bytes(15))
                 unsigned_weights.append((builder.and_(weights, _splat_bytes(15)), high))
-        scales = _load(builder, rows["wd"], scale_offset, _FLOATS, float_mask)
-        mins = _load(builder, rows["wm"], scale_offset, _FLOATS, float_mask) if fmt == _FMT_Q4_1 else None
+        scales = _halves_to_floats(builder, _load(builder, rows["wd"], half_offset, _HALVES, float_mask))
+        mins = None
+        if fmt == _FMT_Q4_1:
+            mins = _halves_to_floats(builder, _load(builder, rows["wm"], half_offset, _HALVES, float_mask))
         for acts, cell in zip(token_rows, row_lanes, strict=True):
             dots = None  # <16 x i32>: lane i = the code dot of block block0 + i, digits combined most significant first
             for digit_row in acts["xp"]:
@@ -940,8 +1002,8 @@ def check_weights(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None, code_dt
     # Fast path in one expression: every decode step checks hundreds of weights that are almost always fine.
     if (
         type(wq) is np.ndarray and wq.dtype is code_dtype and wq.ndim == 2 and wq.flags.c_contiguous
-        and type(wd) is np.ndarray and wd.dtype is _FLOAT32 and wd.flags.c_contiguous
-        and (wm is None or (type(wm) is np.ndarray and wm.dtype is _FLOAT32 and wm.flags.c_contiguous
+        and type(wd) is np.ndarray and wd.dtype is _UINT16 and wd.flags.c_contiguous
+        and (wm is None or (type(wm) is np.ndarray and wm.dtype is _UINT16 and wm.flags.c_contiguous
                             and wm.shape == wd.shape))
     ):
         in_features = wq.shape[1] * (1 if code_dtype is _INT8 else 2)
@@ -951,9 +1013,9 @@ def check_weights(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray | None, code_dt
     _check("wq", wq, code_dtype, 2)
     in_features = wq.shape[1] * (1 if code_dtype == _INT8 else 2)
     _check_in_features(in_features)
-    _check("wd", wd, _FLOAT32, (wq.shape[0], in_features // BLOCK_SIZE))
+    _check("wd", wd, _UINT16, (wq.shape[0], in_features // BLOCK_SIZE))
     if wm is not None:
-        _check("wm", wm, _FLOAT32, wd.shape)
+        _check("wm", wm, _UINT16, wd.shape)
     return in_features
 
 
@@ -987,7 +1049,7 @@ def _checked_row_ids(row_ids: np.ndarray, num_rows: int) -> np.ndarray:
 
 def matmul_q4_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
     """y = x @ W.T for Q4_0 weights. xq (T, K) int8, xd (T, K // 32) float32 from quantize_q8_blocks; wq (N, K // 2)
-    uint8 nibble pairs in kernel order (to_kernel_order), wd (N, K // 32) float32 -> (T, N) float32
+    uint8 nibble pairs in kernel order (to_kernel_order), wd (N, K // 32) uint16 fp16 scales -> (T, N) float32
     = Σ_b wd·xd·Σ (nibble - 8)·q, summed in the fixed order described at the top of this module."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _UINT8))
     return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq, wd, wd, _FMT_Q4_0)
@@ -997,14 +1059,14 @@ def matmul_q4_1(
     xq: np.ndarray, xd: np.ndarray, xsum: np.ndarray, wq: np.ndarray, wd: np.ndarray, wm: np.ndarray
 ) -> np.ndarray:
     """y = x @ W.T for Q4_1 weights (wq in kernel order). xsum (T, K // 32) int32 = Σ xq per block, wm (N, K // 32)
-    float32 block minimums -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·q + wm·xd·xsum]."""
+    uint16 fp16 block minimums -> (T, N) float32 = Σ_b [wd·xd·Σ nibble·q + wm·xd·xsum]."""
     _check_activations(xq, xd, xsum, check_weights(wq, wd, wm, _UINT8))
     return _MATMUL(xq, xd, xsum, wq, wd, wm, _FMT_Q4_1)
 
 
 def matmul_q8_0(xq: np.ndarray, xd: np.ndarray, wq: np.ndarray, wd: np.ndarray) -> np.ndarray:
-    """y = x @ W.T for Q8_0 weights. wq (N, K) int8 (GGUF order), wd (N, K // 32) float32 -> (T, N) float32
-    = Σ_b wd·xd·Σ w·q."""
+    """y = x @ W.T for Q8_0 weights. wq (N, K) int8 (GGUF order), wd (N, K // 32) uint16 fp16 scales
+    -> (T, N) float32 = Σ_b wd·xd·Σ w·q."""
     _check_activations(xq, xd, None, check_weights(wq, wd, None, _INT8))
     return _MATMUL(xq, xd, np.zeros(xd.shape, np.int32), wq.view(np.uint8), wd, wd, _FMT_Q8_0)
 

@@ -15,6 +15,17 @@ from numba import njit, prange
 BLOCK_SIZE = 32
 
 
+@njit(cache=True, nogil=True)
+def _half_value(bits: np.uint16) -> np.float64:
+    """A finite IEEE half's bit pattern -> its value (Q8_0 scales; the loader rejects non-finite ones): mantissa
+    times a power of two, both exact in float64."""
+    exponent = (np.int64(bits) >> 10) & 31
+    mantissa = np.int64(bits) & 1023
+    magnitude = np.float64(mantissa) * 2.0 ** -24 if exponent == 0 else \
+        np.float64(mantissa + 1024) * 2.0 ** (exponent - 25)
+    return -magnitude if bits & 0x8000 else magnitude
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _refine(wq: np.ndarray, wd: np.ndarray, candidates: np.ndarray, x: np.ndarray, logits: np.ndarray) -> None:
     num_tokens, num_candidates = candidates.shape
@@ -27,7 +38,7 @@ def _refine(wq: np.ndarray, wd: np.ndarray, candidates: np.ndarray, x: np.ndarra
             block_dot = 0.0  # Σ q·x in float64: each product exact
             for j in range(start, start + BLOCK_SIZE):
                 block_dot += np.float64(wq[row, j]) * np.float64(x[token, j])
-            total += np.float64(wd[row, block]) * block_dot
+            total += _half_value(wd[row, block]) * block_dot
         logits[token, row] = np.float32(total)
 
 
@@ -81,11 +92,12 @@ def refine_logits_q8_0(wq: np.ndarray, wd: np.ndarray, candidates: np.ndarray, x
                        logits: np.ndarray) -> None:
     """Overwrite logits[t, candidates[t]] with the exact products of those Q8_0 rows and x[t].
 
-    wq: (vocab, K) int8 codes in GGUF order; wd: (vocab, K // 32) float32 scales; candidates: (T, k) int64 row ids in
-    [0, vocab); x: (T, K) float32; logits: (T, vocab) float32, updated in place.
+    wq: (vocab, K) int8 codes in GGUF order; wd: (vocab, K // 32) uint16 fp16 scales (bit patterns); candidates:
+    (T, k) int64 row ids in [0, vocab); x: (T, K) float32; logits: (T, vocab) float32, updated in place.
     """
-    if wq.ndim != 2 or wq.dtype != np.int8 or wd.shape != (wq.shape[0], wq.shape[1] // BLOCK_SIZE):
-        raise ValueError(f"refine_logits_q8_0: wq must be (V, K) int8 and wd (V, K // {BLOCK_SIZE}) float32, got "
+    if wq.ndim != 2 or wq.dtype != np.int8 or wd.dtype != np.uint16 \
+            or wd.shape != (wq.shape[0], wq.shape[1] // BLOCK_SIZE):
+        raise ValueError(f"refine_logits_q8_0: wq must be (V, K) int8 and wd (V, K // {BLOCK_SIZE}) uint16, got "
                          f"{wq.shape} {wq.dtype} and {wd.shape}")
     if x.shape != (candidates.shape[0], wq.shape[1]) or logits.shape != (x.shape[0], wq.shape[0]):
         raise ValueError(f"refine_logits_q8_0: x {x.shape}, candidates {candidates.shape} and logits {logits.shape} "

@@ -50,8 +50,10 @@ class BlockQuantLinear:
         # 4 bytes at a time), not the file's. (out_features, in_features) int8 for Q8_0, in GGUF order: the
         # 16-bit-activation head (engine.linear.head) reads these codes directly.
         self.wq = wq
-        self.wd = wd  # (out_features, in_features // 32) float32: fp16 block scales, widened
-        self.wm = wm  # (out_features, in_features // 32) float32: Q4_1 fp16 block minimums, widened; else None
+        # Block scales and Q4_1 minimums as GGUF stores them, IEEE half bit patterns: half the bytes of float32, read
+        # on every pass over the matrix (blockq widens them in registers).
+        self.wd = wd  # (out_features, in_features // 32) uint16: fp16 block scales
+        self.wm = wm  # (out_features, in_features // 32) uint16: Q4_1 fp16 block minimums; else None
         self.activation_bits = activation_bits
         # The codes laid out for the AMX kernel, made on the first batch that uses it (never for a matrix that only
         # decodes single tokens); engine thread only, like every call.
@@ -81,8 +83,8 @@ class BlockQuantLinear:
         codes = codes.reshape(raw.shape[0], num_blocks * (block_bytes - codes_offset))
         wq = codes.view(np.int8) if ggml_type == GGMLType.Q8_0 else blockq.to_kernel_order(codes)
         for name, scales in (("scale", wd), ("min", wm)):
-            if scales is not None and not np.isfinite(scales).all():
-                row = int(np.nonzero(~np.isfinite(scales).all(axis=1))[0][0])
+            if scales is not None and not np.isfinite(scales.view(np.float16)).all():
+                row = int(np.nonzero(~np.isfinite(scales.view(np.float16)).all(axis=1))[0][0])
                 raise ValueError(f"non-finite fp16 block {name} in row {row}")
         return cls(ggml_type, wq, wd, wm, activation_bits)
 
@@ -105,9 +107,9 @@ class BlockQuantLinear:
     def to_gguf_blocks(self) -> np.ndarray:
         """(out_features, row_bytes) uint8 in the GGUF block layout: the inverse of from_gguf_blocks."""
         num_rows, num_blocks = self.wd.shape
-        fields = [self.wd.astype("<f2").view(np.uint8).reshape(num_rows, num_blocks, 2)]
+        fields = [self.wd.astype("<u2").view(np.uint8).reshape(num_rows, num_blocks, 2)]
         if self.wm is not None:
-            fields.append(self.wm.astype("<f2").view(np.uint8).reshape(num_rows, num_blocks, 2))
+            fields.append(self.wm.astype("<u2").view(np.uint8).reshape(num_rows, num_blocks, 2))
         codes = self.wq.view(np.uint8) if self.ggml_type == GGMLType.Q8_0 else blockq.to_gguf_order(self.wq)
         fields.append(codes.reshape(num_rows, num_blocks, self.wq.shape[1] // num_blocks))
         return np.concatenate(fields, axis=2).reshape(num_rows, num_blocks * BLOCK_GEOMETRY[self.ggml_type][1])
@@ -161,8 +163,9 @@ class BlockQuantLinear:
         """The product on AMX tiles from quantized activations (int8 codes or A16 digits): the same bits as blockq's."""
         fmt = _FORMAT_CODES[self.ggml_type]
         if self._amx_layout is None:
-            wm = self.wm if self.wm is not None else self.wd
-            self._amx_layout = blockq_amx_rows.lay_out(self.wq.view(np.uint8), self.wd, wm, fmt)
+            scales = blockq.halves_to_float32(self.wd)  # (N, K // 32) float32: the AMX layout keeps float32
+            mins = blockq.halves_to_float32(self.wm) if self.wm is not None else scales
+            self._amx_layout = blockq_amx_rows.lay_out(self.wq.view(np.uint8), scales, mins, fmt)
         return blockq_amx_rows.matmul_amx_rows(xq, xd, xsum, self._amx_layout, fmt)
 
     def dequantize_rows(self, row_ids: np.ndarray) -> np.ndarray:
@@ -175,7 +178,7 @@ class BlockQuantLinear:
 
     @property
     def num_bytes(self) -> int:
-        """Codes plus float32 scales (and mins)."""
+        """Codes plus fp16 scales (and mins)."""
         return self.wq.nbytes + self.wd.nbytes + (self.wm.nbytes if self.wm is not None else 0)
 
     @property
@@ -189,5 +192,6 @@ class BlockQuantLinear:
 
 
 def _fp16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
-    """blocks (N, num_blocks, block_bytes) uint8 -> (N, num_blocks) float32 of the fp16 at that byte offset."""
-    return np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view("<f2")[:, :, 0].astype(np.float32)
+    """blocks (N, num_blocks, block_bytes) uint8 -> (N, num_blocks) uint16: the fp16 bit patterns at that offset."""
+    return np.ascontiguousarray(np.ascontiguousarray(blocks[:, :, offset:offset + 2]).view("<u2")[:, :, 0],
+                                dtype=np.uint16)
