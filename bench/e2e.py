@@ -44,10 +44,14 @@ def rss_bytes() -> int:
 
 
 def weight_bytes_per_token(weights: ModelWeights) -> int:
-    """Bytes of weights a decode step reads: every layer's matrices and the output head (not the embedding rows)."""
-    linears = [linear for layer in weights.layers for linear in (
-        layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj)]
-    # A refined head reads only its scan, a ternary matrix with sign masks only its row layout (or less).
+    """Bytes of weights a decode step reads: the matrices each layer's forward pass calls (the fused q|k|v and
+    gate|up where present, not the views of them) and the output head (not the embedding rows)."""
+    linears = []
+    for layer in weights.layers:
+        linears += [layer.qkv_proj] if layer.qkv_proj is not None else [layer.q_proj, layer.k_proj, layer.v_proj]
+        linears += [layer.gate_up_proj] if layer.gate_up_proj is not None else [layer.gate_proj, layer.up_proj]
+        linears += [layer.o_proj, layer.down_proj]
+    # A refined head reads only its scan, a ternary matrix its TL2 layout when it keeps one (a single token's read).
     return sum(linear.bytes_read_per_token for linear in [*linears, weights.lm_head])
 
 
