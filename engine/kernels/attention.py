@@ -423,6 +423,57 @@ def _load_exact(exact, window, slot, which, kv_head, first_position, chunk_start
                 out[j, d] = _half_value(window[slot, which, offset, kv_head, d])
 
 
+@intrinsic
+def _prefetch_lines(typingctx, array, first, num_bytes):  # pragma: no cover - compile-time
+    """Read prefetch of num_bytes of a C-contiguous array from flat element `first` on, one hint per 64-byte line
+    (a hint: nothing is loaded into registers, nothing waits)."""
+    signature = types.void(array, first, num_bytes)
+
+    def codegen(context, builder, sig, args):
+        array_type, first_type, bytes_type = sig.args
+        data = builder.bitcast(context.make_array(array_type)(context, builder, args[0]).data,
+                               ir.IntType(8).as_pointer())
+        itemsize = ir.Constant(_I64, context.get_abi_sizeof(context.get_data_type(array_type.dtype)))
+        start = builder.mul(context.cast(builder, args[1], first_type, types.int64), itemsize)
+        num_lines = builder.udiv(builder.add(context.cast(builder, args[2], bytes_type, types.int64),
+                                             ir.Constant(_I64, 63)), ir.Constant(_I64, 64))
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+        prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        with cgutils.for_range(builder, num_lines) as loop:
+            address = builder.gep(data, [builder.add(start, builder.mul(loop.index, ir.Constant(_I64, 64)))])
+            builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@njit(cache=True, nogil=True)
+def _prefetch_records(pool, window, layout, table, slot, kv_head, last_position, chunk_start, window_from,
+                      quantized_until):  # pragma: no cover - jitted
+    """Requests every record of KV head `kv_head` that positions 0..last_position read (quantized blocks, then the
+    window buffer's earlier tokens) before any is decoded. In a decode step the cache lines are cold (the layer's
+    weights streamed through since this layer last ran), and the decode loop alone would wait for them a block at a
+    time; asked for together, the misses overlap."""
+    num_kv_heads, head_dim = layout.num_kv_heads, layout.head_dim
+    logical = 0
+    while True:
+        start, count, _, size = _block_geometry(logical, layout)
+        if start > last_position or start >= quantized_until:
+            break
+        first = table[logical] * pool.shape[1] + kv_head * size  # flat byte of the block's first K record
+        for j in range(min(count, last_position + 1 - start)):
+            _prefetch_lines(pool, first + j * num_kv_heads * size, size)  # key
+            _prefetch_lines(pool, first + (count + j) * num_kv_heads * size, size)  # value
+        logical += 1
+    if layout.window_blocks == 0:
+        return
+    window_tokens = window.shape[2]
+    for position in range(window_from, min(last_position + 1, chunk_start)):
+        for which in range(2):
+            record = ((slot * 2 + which) * window_tokens + position - window_from) * num_kv_heads + kv_head
+            _prefetch_lines(window, record * head_dim, 2 * head_dim)
+
+
 @njit(cache=True, nogil=True)
 def _attend_rows(q, exact, pool, window, layout, table, positions, slot, chunk_first_row, window_from, first_row,
                  end_row, kv_head, out):  # pragma: no cover - jitted
@@ -449,6 +500,8 @@ def _attend_rows(q, exact, pool, window, layout, table, positions, slot, chunk_f
     total = np.zeros(num_queries, dtype=np.float32)  # (num_queries,) float32, running sum of exp(score - best)
     pool_halves = pool.view(np.uint16)  # (num_blocks, block_bytes // 2) uint16, the same bytes
     pool_floats = pool.view(np.float32)  # (num_blocks, block_bytes // 4) float32, the same bytes
+    _prefetch_records(pool, window, layout, table, slot, kv_head, last_position, chunk_start, window_from,
+                      quantized_until)
     logical = 0
     while True:
         start, count, fmt, size = _block_geometry(logical, layout)
