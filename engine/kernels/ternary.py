@@ -621,18 +621,16 @@ def _matmul_ternary_tl2_xq_portable(xq: np.ndarray, in_features: int, indices: n
 def _linear_tl2_avx512(x: np.ndarray, padded_k: int, indices: np.ndarray, signs: np.ndarray, num_rows: int,
                        row_scales: np.ndarray, weight_scale: np.float64) -> np.ndarray:
     xq, x_scale, _ = _quantize_activations(x, padded_k)
-    tables = _build_tl2_tables(xq, x.shape[1], signs.shape[1])
-    return _scale_int_sums(_matmul_ternary_tl2_avx512(tables, indices, signs, num_rows), row_scales, x_scale,
-                           weight_scale)
+    int_sums = _matmul_ternary_tl2_xq_avx512(xq, x.shape[1], indices, signs, num_rows)
+    return _scale_int_sums(int_sums, row_scales, x_scale, weight_scale)
 
 
 @njit(cache=True, nogil=True)
 def _linear_tl2_portable(x: np.ndarray, padded_k: int, indices: np.ndarray, signs: np.ndarray, num_rows: int,
                          row_scales: np.ndarray, weight_scale: np.float64) -> np.ndarray:
     xq, x_scale, _ = _quantize_activations(x, padded_k)
-    tables = _build_tl2_tables(xq, x.shape[1], signs.shape[1])
-    return _scale_int_sums(_matmul_ternary_tl2_portable(tables, indices, signs, num_rows), row_scales, x_scale,
-                           weight_scale)
+    int_sums = _matmul_ternary_tl2_xq_portable(xq, x.shape[1], indices, signs, num_rows)
+    return _scale_int_sums(int_sums, row_scales, x_scale, weight_scale)
 
 
 @njit(cache=True, nogil=True)
