@@ -16,6 +16,7 @@ from numba.extending import intrinsic
 from engine.kernels.kv_quant import KVFormat, KVLayout, hadamard_rows
 
 PREFILL_TILE = 16  # query tokens of one sequence per prefill work item: blocks are dequantized once per tile
+PREFETCH_BLOCKS = 8  # blocks whose records a work item has requested ahead of the one it decodes
 
 
 class AttentionPlan(NamedTuple):
@@ -448,27 +449,25 @@ def _prefetch_lines(typingctx, array, first, num_bytes):  # pragma: no cover - c
 
 
 @njit(cache=True, nogil=True)
-def _prefetch_records(pool, window, layout, table, slot, kv_head, last_position, chunk_start, window_from,
-                      quantized_until):  # pragma: no cover - jitted
-    """Requests every record of KV head `kv_head` that positions 0..last_position read (quantized blocks, then the
-    window buffer's earlier tokens) before any is decoded. In a decode step the cache lines are cold (the layer's
-    weights streamed through since this layer last ran), and the decode loop alone would wait for them a block at a
-    time; asked for together, the misses overlap."""
-    num_kv_heads, head_dim = layout.num_kv_heads, layout.head_dim
-    logical = 0
-    while True:
-        start, count, _, size = _block_geometry(logical, layout)
-        if start > last_position or start >= quantized_until:
-            break
+def _prefetch_block(pool, window, layout, table, slot, kv_head, logical, last_position, chunk_start, window_from,
+                    quantized_until):  # pragma: no cover - jitted
+    """Requests the records of KV head `kv_head` that logical block `logical` holds for positions up to
+    last_position: from the quantized blocks, or from the window buffer (this batch's own tokens are hot already).
+    In a decode step these lines are cold (the layer's weights streamed through since it last ran); requested
+    PREFETCH_BLOCKS blocks ahead of their decoding, their misses overlap instead of arriving one at a time."""
+    start, count, _, size = _block_geometry(logical, layout)
+    if start > last_position:
+        return
+    num_kv_heads = layout.num_kv_heads
+    end = min(start + count, last_position + 1)
+    if start < quantized_until:
         first = table[logical] * pool.shape[1] + kv_head * size  # flat byte of the block's first K record
-        for j in range(min(count, last_position + 1 - start)):
+        for j in range(end - start):
             _prefetch_lines(pool, first + j * num_kv_heads * size, size)  # key
             _prefetch_lines(pool, first + (count + j) * num_kv_heads * size, size)  # value
-        logical += 1
-    if layout.window_blocks == 0:
         return
-    window_tokens = window.shape[2]
-    for position in range(window_from, min(last_position + 1, chunk_start)):
+    window_tokens, head_dim = window.shape[2], layout.head_dim
+    for position in range(start, min(end, chunk_start)):
         for which in range(2):
             record = ((slot * 2 + which) * window_tokens + position - window_from) * num_kv_heads + kv_head
             _prefetch_lines(window, record * head_dim, 2 * head_dim)
@@ -500,13 +499,16 @@ def _attend_rows(q, exact, pool, window, layout, table, positions, slot, chunk_f
     total = np.zeros(num_queries, dtype=np.float32)  # (num_queries,) float32, running sum of exp(score - best)
     pool_halves = pool.view(np.uint16)  # (num_blocks, block_bytes // 2) uint16, the same bytes
     pool_floats = pool.view(np.float32)  # (num_blocks, block_bytes // 4) float32, the same bytes
-    _prefetch_records(pool, window, layout, table, slot, kv_head, last_position, chunk_start, window_from,
-                      quantized_until)
+    for ahead in range(PREFETCH_BLOCKS):
+        _prefetch_block(pool, window, layout, table, slot, kv_head, ahead, last_position, chunk_start, window_from,
+                        quantized_until)
     logical = 0
     while True:
         start, count, fmt, size = _block_geometry(logical, layout)
         if start > last_position:
             break
+        _prefetch_block(pool, window, layout, table, slot, kv_head, logical + PREFETCH_BLOCKS, last_position,
+                        chunk_start, window_from, quantized_until)
         num_loaded = min(count, last_position + 1 - start)
         if start < quantized_until:
             block_id = table[logical]

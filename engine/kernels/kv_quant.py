@@ -255,8 +255,8 @@ _SIXTEEN = 16  # floats per 512-bit vector: the transform's first four stages ru
 def _butterflies_within_sixteens(typingctx, x):  # pragma: no cover - compile-time
     """The stages of width 1, 2, 4 and 8 of the transform, on every run of 16 consecutive values of x ((n,) float32,
     C-contiguous, n a multiple of 16), in place. Element i of a stage of width w becomes x[i] + x[i + w] below its
-    partner and x[i - w] - x[i] above it: one permute, one multiply by +-1 and one add per vector, the same two float
-    roundings-free-then-one-add as the scalar butterfly, so the bits are those of the loop this replaces."""
+    partner and x[i - w] - x[i] above it: one permute, one multiply by +-1 (exact) and one add per vector. Each
+    element gets the one rounded add of the scalar butterfly, so the bits are those of the loop this replaces."""
     if not (isinstance(x, types.Array) and x.ndim == 1 and x.layout == "C" and x.dtype == types.float32):
         return None
     vector_type = ir.VectorType(ir.FloatType(), _SIXTEEN)

@@ -25,8 +25,8 @@ from engine.weights import ModelWeights
 # A single token's product skips zero input columns (sign-mask layout, engine/kernels/ternary_sparse.py) when at least
 # this fraction of its activations is zero, until engine/linear/calibrate.py measures the machine it runs on. Measured
 # on 2560x6912 with weights in DRAM, 2 threads, on a Xeon with AMX: the skipping kernel took 1.56x the row kernel's
-# time at 51% zeros, 1.08x at 72%, 0.73x at 85%; with several tokens it never wins. On a Zen 5 EPYC it lost at every
-# fraction up to 85% (1.25x there).
+# time at 51% zeros, 1.08x at 72%, 0.73x at 85%; with several tokens it never wins. On a Zen 5 EPYC, against the TL2
+# decode layout, it loses up to 90% zeros and wins at 95%.
 SKIP_MIN_ZERO_FRACTION = 0.75
 
 
