@@ -11,9 +11,11 @@ from engine.config import ModelArgs
 from engine.formats.ggml import GGMLType
 from engine.linear.a4_8 import Int4Input, TopKInput, quantize_int4_absmean, with_activation_mode
 from engine.linear.block import BlockQuantLinear
-from engine.linear.ternary import TernaryLinear
+from engine.linear.calibrate import ZERO_FRACTIONS
+from engine.linear.ternary import SKIP_MIN_ZERO_FRACTION, TernaryLinear
 from engine.loaded_model import LoadedModel
 from engine.random_model import random_model
+from engine.warmup import warm_up
 
 BITNET = ModelArgs(architecture="bitnet", hidden_size=320, num_layers=2, num_heads=4, num_kv_heads=2,
                    intermediate_size=640, vocab_size=300, max_position_embeddings=64, hidden_act="relu2", head_dim=64)
@@ -65,6 +67,17 @@ def test_a8_sparse_is_exact_and_a4_8_changes_the_output() -> None:
     assert not np.array_equal(logits, exact) and np.isfinite(logits).all()
     # Every input is quantized per token, so a position's logits do not depend on how many tokens share the batch.
     np.testing.assert_array_equal(a4_8.logits(prompt[:7]), logits[:7])
+
+
+def test_warm_up_calibrates_when_a8_sparse_skips() -> None:
+    """Serving warms a model up on its kernel thread; with sign masks kept, that also times skipping against the
+    dense kernel and sets every down projection's threshold (one of the timed fractions, or never)."""
+    sparse = LoadedModel(random_model(BITNET, seed=5, head_type=GGMLType.F32), None, activations="a8-sparse")
+    downs = [layer.down_proj for layer in sparse.weights.layers]
+    assert all(down.skip_min_zero_fraction == SKIP_MIN_ZERO_FRACTION for down in downs)
+    warm_up(sparse)
+    thresholds = {down.skip_min_zero_fraction for down in downs}
+    assert len(thresholds) == 1 and thresholds <= {None, *ZERO_FRACTIONS}
 
 
 def test_a8_leaves_the_weights_alone_and_unknown_modes_are_rejected() -> None:
