@@ -330,7 +330,7 @@ def _dequantize_rows(wq: np.ndarray, wd: np.ndarray, wm: np.ndarray, row_ids: np
         for block in range(num_blocks):
             base, stride = _block_base_stride(block, num_groups, block_bytes)
             scale = _half_value(wd[row, block])
-            minimum = _half_value(wm[row, block])
+            minimum = _half_value(wm[row, block]) if fmt == _FMT_Q4_1 else np.float32(0.0)
             for j in range(block_bytes):
                 code = np.int32(wq[row, base + j // 4 * stride + j % 4])
                 col = block * 32 + j
