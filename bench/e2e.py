@@ -23,7 +23,7 @@ from engine import load_model
 from engine.default_model import pull_default_model
 from engine.formats.ggml import GGMLType
 from engine.linear.a4_8 import ACTIVATION_MODES
-from engine.linear.calibrate import ZERO_FRACTIONS, calibrate_zero_skipping
+from engine.linear.calibrate import ZERO_FRACTIONS, calibrate_zero_skipping, skipping_down_projections
 from engine.linear.head import with_refined_head
 from engine.linear.ternary import TernaryLinear
 from engine.loaded_model import LoadedModel
@@ -165,8 +165,7 @@ def main() -> None:
             weights = random_model(BITNET_2B4T_ARGS, seed=0, head_type=head)
             model = LoadedModel(with_refined_head(weights, scan="q4_0" if args.head == "q4_0" else "q8_0"), None,
                                 activations=args.activations)
-        skipping = [layer.down_proj for layer in model.weights.layers if isinstance(layer.down_proj, TernaryLinear)
-                    and layer.down_proj.sign_masks is not None]
+        skipping = skipping_down_projections(model.weights)
         if skipping:  # as the server's warm-up does: time zero-column skipping here and set when it is used
             calibration = calibrate_zero_skipping(skipping)
             ratios = ", ".join(f"{100 * fraction:.0f}% {skipping_s / dense_s:.2f}x" for fraction, dense_s, skipping_s

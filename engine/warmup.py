@@ -8,9 +8,8 @@ import time
 
 from engine.config import KV_CACHE_DTYPES, ModelArgs
 from engine.formats.ggml import GGMLType
-from engine.linear.calibrate import calibrate_zero_skipping
+from engine.linear.calibrate import calibrate_zero_skipping, skipping_down_projections
 from engine.linear.head import with_refined_head
-from engine.linear.ternary import TernaryLinear
 from engine.loaded_model import LoadedModel
 from engine.random_model import random_model
 from engine.weights import ModelWeights
@@ -35,8 +34,7 @@ def warm_up(model: LoadedModel) -> None:
     num_prompt = max(1, min(WARMUP_PROMPT_TOKENS, model.args.max_position_embeddings - 2))
     model.generate([token % model.args.vocab_size for token in range(num_prompt)], max_new_tokens=2)
     model.generate([token % model.args.vocab_size for token in range(3)], max_new_tokens=2)
-    skipping = [layer.down_proj for layer in model.weights.layers if isinstance(layer.down_proj, TernaryLinear)
-                and layer.down_proj.sign_masks is not None]
+    skipping = skipping_down_projections(model.weights)
     if skipping:
         calibrate_zero_skipping(skipping)
 

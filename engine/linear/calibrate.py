@@ -12,6 +12,7 @@ import numpy as np
 
 from engine.kernels.ternary import quantize_activations
 from engine.linear.ternary import TernaryLinear
+from engine.weights import ModelWeights
 
 # Zero fractions timed, in increasing order; ReLU² down-projection inputs of BitNet models lie around 0.6-0.9.
 ZERO_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -33,6 +34,13 @@ class SkipCalibration(NamedTuple):
     threshold: float | None  # what every calibrated matrix's skip_min_zero_fraction was set to
     dense_s: list[float]  # best time of one pass over all the matrices, per ZERO_FRACTIONS entry
     skipping_s: list[float]
+
+
+def skipping_down_projections(weights: ModelWeights) -> list[TernaryLinear]:
+    """The down projections of `weights` that keep sign masks (`--activations a8-sparse` or a4.8): what
+    calibrate_zero_skipping times."""
+    return [layer.down_proj for layer in weights.layers
+            if isinstance(layer.down_proj, TernaryLinear) and layer.down_proj.sign_masks is not None]
 
 
 def calibrate_zero_skipping(linears: list[TernaryLinear], seed: int = 0) -> SkipCalibration:
