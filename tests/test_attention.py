@@ -159,11 +159,13 @@ def test_kernels_match_numpy_attention_over_what_each_query_reads(dtype: str) ->
 
 
 @pytest.mark.parametrize("dtype", ["int8", "q3"])
-def test_wide_heads_decode_like_narrow_ones(dtype: str) -> None:
-    """head_dim 256: the 3-bit decoder's path for quarters wider than 32 values."""
-    wide = ModelArgs(architecture="llama", hidden_size=1024, num_layers=1, num_heads=4, num_kv_heads=2,
+@pytest.mark.parametrize("head_dim", [32, 256])
+def test_other_head_widths_decode_like_64(dtype: str, head_dim: int) -> None:
+    """The 3-bit decoder's two paths: vectors for quarters of 16k values (head_dim 256, like 64), a byte loop for
+    others (head_dim 32: quarters of 8)."""
+    args = ModelArgs(architecture="llama", hidden_size=4 * head_dim, num_layers=1, num_heads=4, num_kv_heads=2,
                      intermediate_size=64, vocab_size=16, max_position_embeddings=512)
-    _check_against_numpy(Scenario(dtype, [23, 15, 32], seed=12, args=wide))
+    _check_against_numpy(Scenario(dtype, [23, 15, 32], seed=12, args=args))
 
 
 def _check_against_numpy(scenario: Scenario) -> None:

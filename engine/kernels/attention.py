@@ -193,24 +193,17 @@ def _load_records(block, halves, floats, first_offset, stride, fmt, group_size, 
         quarter = head_dim // 4
         for j in range(num_records):
             start = first_offset + j * stride
+            if quarter % _LANES == 0:  # head_dim a multiple of 64
+                _q3_codes(block, start, quarter // _LANES, out[j])
+                continue
             low_bits = block[start:start + quarter]
             for part in range(4):
                 values = out[j, part * quarter:(part + 1) * quarter]
-                if quarter <= 32:  # head_dim <= 128: the quarter's high bits are one uint32, shifted per lane
-                    high_bits = np.uint32(0)
-                    first_byte = start + quarter + part * quarter // 8
-                    for byte in range(quarter // 8):
-                        high_bits |= np.uint32(block[first_byte + byte]) << np.uint32(8 * byte)
-                    for i in range(quarter):
-                        low = np.uint32(low_bits[i] >> (2 * part)) & np.uint32(3)
-                        values[i] = np.float32(np.int32(low | (((high_bits >> np.uint32(i)) & np.uint32(1))
-                                                                << np.uint32(2))))
-                else:
-                    first_byte = start + quarter + part * quarter // 8
-                    high_bytes = block[first_byte:first_byte + quarter // 8]
-                    for i in range(quarter):
-                        high = (high_bytes[i // 8] >> (i % 8)) & 1
-                        values[i] = np.float32(((low_bits[i] >> (2 * part)) & 3) | (high << 2))
+                first_byte = start + quarter + part * quarter // 8
+                high_bytes = block[first_byte:first_byte + quarter // 8]
+                for i in range(quarter):
+                    high = (high_bytes[i // 8] >> (i % 8)) & 1
+                    values[i] = np.float32(((low_bits[i] >> (2 * part)) & 3) | (high << 2))
     num_groups = head_dim // group_size
     for j in range(num_records):
         start = (first_offset + j * stride + code_bytes) // 2
@@ -325,6 +318,46 @@ def _element_pointer(context, builder: ir.IRBuilder, array_type, array_value, in
 
 def _load_vector(builder: ir.IRBuilder, pointer: ir.Value, element: ir.Value) -> ir.Value:
     return builder.load(builder.bitcast(builder.gep(pointer, [element]), _VF.as_pointer()), align=4)
+
+
+@intrinsic
+def _q3_codes(typingctx, block, start, num_chunks, out):  # pragma: no cover - compile-time
+    """The 3-bit codes of the Q3 record at byte `start` of block ((block_bytes,) uint8) as floats in out
+    ((4 · 16 · num_chunks,) float32, C-contiguous), unscaled: 16 lanes at a time, value i of quarter s from bits 2s of
+    low-plane byte i and bit i of the quarter's high bits, read 16 at a time as one little-endian int16 and shifted
+    per lane. The plain loop it replaces stayed scalar (a variable shift per lane), 0.7 cycles per value."""
+    signature = types.void(block, start, num_chunks, out)
+
+    def codegen(context, builder, sig, args):
+        block_type, start_type, chunks_type, out_type = sig.args
+        data = builder.bitcast(context.make_array(block_type)(context, builder, args[0]).data,
+                               ir.IntType(8).as_pointer())
+        record = builder.gep(data, [context.cast(builder, args[1], start_type, types.int64)])
+        num_chunks = context.cast(builder, args[2], chunks_type, types.int64)
+        out_ptr = builder.bitcast(context.make_array(out_type)(context, builder, args[3]).data, _F32.as_pointer())
+        quarter = builder.mul(num_chunks, ir.Constant(_I64, _LANES))
+        bytes_16 = ir.VectorType(ir.IntType(8), _LANES)
+        lane_ids = ir.Constant(_VI, [ir.Constant(_I32, j) for j in range(_LANES)])
+        ones, threes = (ir.Constant(_VI, [ir.Constant(_I32, v)] * _LANES) for v in (1, 3))
+        with cgutils.for_range(builder, num_chunks) as chunk_loop:
+            first = builder.mul(chunk_loop.index, ir.Constant(_I64, _LANES))  # value index within each quarter
+            low_plane = builder.load(builder.bitcast(builder.gep(record, [first]), bytes_16.as_pointer()), align=1)
+            low_plane = builder.zext(low_plane, _VI)
+            for part in range(4):
+                high_byte = builder.add(builder.add(quarter, builder.mul(ir.Constant(_I64, part), builder.udiv(
+                    quarter, ir.Constant(_I64, 8)))), builder.udiv(first, ir.Constant(_I64, 8)))
+                high_word = builder.load(builder.bitcast(builder.gep(record, [high_byte]),
+                                                         ir.IntType(16).as_pointer()), align=1)
+                high = builder.and_(builder.lshr(_broadcast(builder, builder.zext(high_word, _I32), _VI), lane_ids),
+                                    ones)
+                low = builder.and_(builder.lshr(low_plane, ir.Constant(_VI, [ir.Constant(_I32, 2 * part)] * _LANES)),
+                                   threes)
+                codes = builder.or_(low, builder.shl(high, ir.Constant(_VI, [ir.Constant(_I32, 2)] * _LANES)))
+                target = builder.gep(out_ptr, [builder.add(builder.mul(ir.Constant(_I64, part), quarter), first)])
+                builder.store(builder.sitofp(codes, _VF), builder.bitcast(target, _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 @intrinsic
