@@ -325,7 +325,8 @@ def _q3_codes(typingctx, block, start, num_chunks, out):  # pragma: no cover - c
     """The 3-bit codes of the Q3 record at byte `start` of block ((block_bytes,) uint8) as floats in out
     ((4 · 16 · num_chunks,) float32, C-contiguous), unscaled: 16 lanes at a time, value i of quarter s from bits 2s of
     low-plane byte i and bit i of the quarter's high bits, read 16 at a time as one little-endian int16 and shifted
-    per lane. The plain loop it replaces stayed scalar (a variable shift per lane), 0.7 cycles per value."""
+    per lane. The plain loop it replaces stayed scalar (a variable shift per lane): at 2000 positions of the 2B4T
+    shape a decode query's attention took 502 us per layer with it, 383 with this."""
     signature = types.void(block, start, num_chunks, out)
 
     def codegen(context, builder, sig, args):
