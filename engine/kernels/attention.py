@@ -156,8 +156,9 @@ def _load_records(block, halves, floats, first_offset, stride, fmt, group_size, 
     """Decode len(out) records of one block, at byte offsets first_offset + j * stride, into out: (n, head_dim)
     float32. block: (block_bytes,) uint8, with halves and floats the same bytes as uint16 and float32 (records and
     scales sit at even offsets, fp32 records at multiples of 4). One call per block, not per record: the format
-    branch and the call stay out of the token loop, and every inner loop runs from 0 over a slice, so the compiler
-    drops negative-index checks and vectorizes."""
+    branch and the call stay out of the token loop. Float records copy in loops from 0 over a slice, which the
+    compiler vectorizes; quantized ones decode in vector IR, one row slice per record (each slice costs two
+    reference-count updates: five per record were as slow as the decoding itself)."""
     num_records, head_dim = out.shape
     if fmt == KVFormat.FP32:
         for j in range(num_records):
@@ -175,44 +176,27 @@ def _load_records(block, halves, floats, first_offset, stride, fmt, group_size, 
         return
     if fmt == KVFormat.INT8:
         levels, code_bytes = 128, head_dim
-        for j in range(num_records):
-            start = first_offset + j * stride
-            codes, row = block[start:start + code_bytes], out[j]
-            for d in range(head_dim):
-                row[d] = np.float32(codes[d])
     elif fmt == KVFormat.Q4:
         levels, code_bytes = 8, head_dim // 2
-        for j in range(num_records):
-            start = first_offset + j * stride
-            codes, low, high = block[start:start + code_bytes], out[j, :code_bytes], out[j, code_bytes:]
-            for i in range(code_bytes):
-                low[i] = np.float32(codes[i] & 15)
-                high[i] = np.float32(codes[i] >> 4)
     else:
         levels, code_bytes = 4, head_dim * 3 // 8
-        quarter = head_dim // 4
-        for j in range(num_records):
-            start = first_offset + j * stride
-            if quarter % _LANES == 0:  # head_dim a multiple of 64
-                _q3_codes(block, start, quarter // _LANES, out[j])
-                continue
-            low_bits = block[start:start + quarter]
-            for part in range(4):
-                values = out[j, part * quarter:(part + 1) * quarter]
-                first_byte = start + quarter + part * quarter // 8
-                high_bytes = block[first_byte:first_byte + quarter // 8]
-                for i in range(quarter):
-                    high = (high_bytes[i // 8] >> (i % 8)) & 1
-                    values[i] = np.float32(((low_bits[i] >> (2 * part)) & 3) | (high << 2))
-    num_groups = head_dim // group_size
+    quarter = head_dim // 4
     for j in range(num_records):
-        start = (first_offset + j * stride + code_bytes) // 2
-        scales = halves[start:start + num_groups]
-        for group in range(num_groups):
-            scale = _half_value(scales[group])
-            values = out[j, group * group_size:(group + 1) * group_size]
-            for d in range(group_size):
-                values[d] = (values[d] - np.float32(levels)) * scale
+        start = first_offset + j * stride
+        row = out[j]
+        if fmt == KVFormat.INT8:
+            _byte_codes(block, start, head_dim // _LANES, row)
+        elif fmt == KVFormat.Q4:
+            _nibble_codes(block, start, code_bytes // _LANES, row)
+        elif quarter % _LANES == 0:  # Q3, head_dim a multiple of 64
+            _q3_codes(block, start, quarter // _LANES, row)
+        else:
+            for part in range(4):
+                first_byte = start + quarter + part * quarter // 8
+                for i in range(quarter):
+                    high = (block[first_byte + i // 8] >> (i % 8)) & 1
+                    row[part * quarter + i] = np.float32(((block[start + i] >> (2 * part)) & 3) | (high << 2))
+        _scale_codes(block, start + code_bytes, np.float32(levels), group_size, row)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,6 +340,95 @@ def _q3_codes(typingctx, block, start, num_chunks, out):  # pragma: no cover - c
                 codes = builder.or_(low, builder.shl(high, ir.Constant(_VI, [ir.Constant(_I32, 2)] * _LANES)))
                 target = builder.gep(out_ptr, [builder.add(builder.mul(ir.Constant(_I64, part), quarter), first)])
                 builder.store(builder.sitofp(codes, _VF), builder.bitcast(target, _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def _make_whole_byte_codes(nibbles: bool):
+    """An intrinsic (block, start, num_chunks, out) -> None writing, as floats, the codes of the record at byte
+    `start` of block ((block_bytes,) uint8) into out (C-contiguous float32), 16 code bytes per chunk: one code per
+    byte (INT8) or two (Q4: the low nibble of byte i is value i, the high nibble value len(out) / 2 + i)."""
+
+    def whole_byte_codes(typingctx, block, start, num_chunks, out):  # pragma: no cover - compile-time
+        signature = types.void(block, start, num_chunks, out)
+
+        def codegen(context, builder, sig, args):
+            block_type, start_type, chunks_type, out_type = sig.args
+            data = builder.bitcast(context.make_array(block_type)(context, builder, args[0]).data,
+                                   ir.IntType(8).as_pointer())
+            record = builder.gep(data, [context.cast(builder, args[1], start_type, types.int64)])
+            num_chunks = context.cast(builder, args[2], chunks_type, types.int64)
+            out_ptr = builder.bitcast(context.make_array(out_type)(context, builder, args[3]).data,
+                                      _F32.as_pointer())
+            half = builder.mul(num_chunks, ir.Constant(_I64, _LANES))  # code bytes: the high nibbles' first value
+            bytes_16 = ir.VectorType(ir.IntType(8), _LANES)
+            with cgutils.for_range(builder, num_chunks) as chunk_loop:
+                first = builder.mul(chunk_loop.index, ir.Constant(_I64, _LANES))
+                codes = builder.zext(builder.load(builder.bitcast(builder.gep(record, [first]),
+                                                                  bytes_16.as_pointer()), align=1), _VI)
+                parts = [(codes, first)]
+                if nibbles:
+                    parts = [(builder.and_(codes, ir.Constant(_VI, [ir.Constant(_I32, 15)] * _LANES)), first),
+                             (builder.lshr(codes, ir.Constant(_VI, [ir.Constant(_I32, 4)] * _LANES)),
+                              builder.add(half, first))]
+                for values, offset in parts:
+                    builder.store(builder.sitofp(values, _VF),
+                                  builder.bitcast(builder.gep(out_ptr, [offset]), _VF.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    whole_byte_codes.__name__ = "_nibble_codes" if nibbles else "_byte_codes"
+    return intrinsic(whole_byte_codes)
+
+
+_byte_codes = _make_whole_byte_codes(nibbles=False)
+_nibble_codes = _make_whole_byte_codes(nibbles=True)
+
+
+def _half_to_float(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
+    """An IEEE half's bit pattern (i16) -> float, by _half_value's integer steps (the same bits)."""
+    wide = builder.zext(bits, _I32)
+    moved = builder.add(builder.shl(builder.and_(wide, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13)),
+                        ir.Constant(_I32, 0x38000000))
+    normal = builder.bitcast(moved, _F32)
+    subnormal = builder.fsub(builder.bitcast(builder.add(moved, ir.Constant(_I32, 0x00800000)), _F32),
+                             ir.Constant(_F32, 2.0 ** -14))
+    is_normal = builder.icmp_unsigned("!=", builder.and_(wide, ir.Constant(_I32, 0x7C00)), ir.Constant(_I32, 0))
+    magnitude = builder.bitcast(builder.select(is_normal, normal, subnormal), _I32)
+    sign = builder.shl(builder.and_(wide, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
+    return builder.bitcast(builder.or_(magnitude, sign), _F32)
+
+
+@intrinsic
+def _scale_codes(typingctx, block, start, levels, group_size, out):  # pragma: no cover - compile-time
+    """out[d] = (out[d] - levels) · scale of d's group, in float32, for the codes of a record whose IEEE-half group
+    scales sit at byte `start` of block ((block_bytes,) uint8); out: (head_dim,) float32, C-contiguous, head_dim
+    and group_size multiples of 16."""
+    signature = types.void(block, start, levels, group_size, out)
+
+    def codegen(context, builder, sig, args):
+        block_type, start_type, _, size_type, out_type = sig.args
+        data = builder.bitcast(context.make_array(block_type)(context, builder, args[0]).data,
+                               ir.IntType(8).as_pointer())
+        scales = builder.bitcast(builder.gep(data, [context.cast(builder, args[1], start_type, types.int64)]),
+                                 ir.IntType(16).as_pointer())
+        levels = _broadcast(builder, args[2], _VF)
+        group_size = context.cast(builder, args[3], size_type, types.int64)
+        out_array = context.make_array(out_type)(context, builder, args[4])
+        out_ptr = builder.bitcast(out_array.data, _F32.as_pointer())
+        num_groups = builder.udiv(builder.extract_value(out_array.shape, 0), group_size)
+        vectors_per_group = builder.udiv(group_size, ir.Constant(_I64, _LANES))
+        with cgutils.for_range(builder, num_groups) as group_loop:
+            scale = _half_to_float(builder, builder.load(builder.gep(scales, [group_loop.index]), align=1))
+            scale_vector = _broadcast(builder, scale, _VF)
+            first = builder.mul(group_loop.index, group_size)
+            with cgutils.for_range(builder, vectors_per_group) as vector_loop:
+                pointer = builder.bitcast(builder.gep(out_ptr, [builder.add(first, builder.mul(
+                    vector_loop.index, ir.Constant(_I64, _LANES)))]), _VF.as_pointer())
+                values = builder.fmul(builder.fsub(builder.load(pointer, align=4), levels), scale_vector)
+                builder.store(values, pointer, align=4)
         return context.get_dummy_value()
 
     return signature, codegen
